@@ -1,0 +1,1 @@
+"""Counterfactual fine-tuning of CLIP image encoders."""
