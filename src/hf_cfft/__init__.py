@@ -1,1 +1,45 @@
-"""Counterfactual fine-tuning of CLIP image encoders."""
+"""hf_cfft: counterfactual fine-tuning of CLIP image encoders (Xiao et al., CVPR 2023) on the Hugging Face stack."""
+
+from .build import classifier_from_clip, is_cfft_checkpoint, load_classifier
+from .cam import CAM_METHODS, attention_rollout, compute_cam, grad_cam, normalize_cam
+from .config import CfftConfig
+from .data import CounterfactualCollator, CounterfactualTransform, precompute_cams, preprocess_images
+from .losses import counterfactual_loss, feature_distillation_loss, logit_distillation_loss
+from .masking import FILL_KINDS, MASK_KINDS, cam_patch_mask, make_counterfactuals, random_patch_mask, refill
+from .modeling import ClipCfftConfig, ClipCfftForImageClassification, ClipCfftOutput
+from .trainer import CfftTrainer
+from .zeroshot import build_zeroshot_weights, load_class_names, load_templates
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CAM_METHODS",
+    "FILL_KINDS",
+    "MASK_KINDS",
+    "CfftConfig",
+    "CfftTrainer",
+    "ClipCfftConfig",
+    "ClipCfftForImageClassification",
+    "ClipCfftOutput",
+    "CounterfactualCollator",
+    "CounterfactualTransform",
+    "attention_rollout",
+    "build_zeroshot_weights",
+    "cam_patch_mask",
+    "classifier_from_clip",
+    "compute_cam",
+    "counterfactual_loss",
+    "feature_distillation_loss",
+    "grad_cam",
+    "is_cfft_checkpoint",
+    "load_class_names",
+    "load_classifier",
+    "load_templates",
+    "logit_distillation_loss",
+    "make_counterfactuals",
+    "normalize_cam",
+    "precompute_cams",
+    "preprocess_images",
+    "random_patch_mask",
+    "refill",
+]

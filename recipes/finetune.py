@@ -1,0 +1,182 @@
+"""Fine-tune a CLIP image encoder with counterfactual feature distillation, then evaluate it ID and OOD.
+
+    accelerate launch recipes/finetune.py                                  # the embedded world (offline, CPU)
+    accelerate launch recipes/finetune.py --config recipes/configs/imagenet_vit_b32.yaml
+    python recipes/finetune.py --config X.yaml --learning_rate 1e-5        # CLI flags override the YAML
+
+Every CfftConfig / TrainingArguments field is a flag; see `--help`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoImageProcessor, HfArgumentParser
+
+from hf_cfft import CfftConfig, CfftTrainer, CounterfactualTransform, load_class_names, load_classifier, load_templates
+from hf_cfft.data import precompute_cams
+from hf_cfft.evaluation import evaluate_splits, results_table
+from hf_cfft.sources import WORLD, class_names_of, load_image_splits
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "world.yaml"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "CLIP checkpoint (Hub id or folder; its zero-shot head is built on the fly) or a saved hf_cfft "
+            "classifier folder. Default: the tiny CLIP shipped with hf_cfft for the embedded world."
+        },
+    )
+    class_names: str | None = field(
+        default=None,
+        metadata={"help": "'imagenet', a text file with one class name per line, or empty: the dataset's ClassLabel."},
+    )
+    templates: str = field(
+        default="simple",
+        metadata={"help": "Prompt templates: 'openai_imagenet', 'simple', 'world', or a text file, one per line."},
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        default=WORLD, metadata={"help": "'world', an ImageFolder directory, 'imagefolder' + data_dir, or a Hub id."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    data_dir: str | None = field(default=None, metadata={"help": "data_dir passed to datasets.load_dataset."})
+    train_split: str = field(default="train", metadata={"help": "Split to fine-tune on."})
+    eval_splits: list[str] = field(default_factory=list, metadata={"help": "Splits to evaluate (ID first)."})
+    ood_splits: list[str] = field(default_factory=list, metadata={"help": "Which eval splits are OOD (averaged)."})
+    image_column: str = field(default="image", metadata={"help": "Image column name."})
+    label_column: str = field(default="label", metadata={"help": "Label column name."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the train split (debugging)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate each eval split."})
+    evaluate_zero_shot: bool = field(default=True, metadata={"help": "Also evaluate the model before fine-tuning."})
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, CfftConfig]:
+    """CLI flags over a YAML file (--config, default: the embedded-world config when no flag is given)."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, CfftConfig))
+    config_file = None
+    if "--config" in argv:
+        at = argv.index("--config")
+        config_file, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
+    elif not argv:
+        config_file = str(DEFAULT_CONFIG)
+    if config_file is not None:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"config file {config_file!r} does not exist")
+        with open(config_file) as f:
+            parser.set_defaults(**(yaml.safe_load(f) or {}))
+    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+
+def _lines(name_or_file: str, loader) -> list[str]:
+    if os.path.isfile(name_or_file):
+        with open(name_or_file) as f:
+            return [line.strip() for line in f if line.strip()]
+    return loader(name_or_file)
+
+
+def _templates(name: str) -> list[str]:
+    if name == WORLD:
+        from hf_cfft.world import WORLD_TEMPLATES
+
+        return list(WORLD_TEMPLATES)
+    return _lines(name, load_templates)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
+    if model_args.model_name_or_path is None and data_args.dataset_name == WORLD:
+        from hf_cfft.world import world_clip_path
+
+        model_args.model_name_or_path = str(world_clip_path())
+    if model_args.model_name_or_path is None:
+        raise ValueError(
+            "--model_name_or_path is required outside the embedded world (e.g. openai/clip-vit-base-patch32)"
+        )
+
+    splits = load_image_splits(
+        data_args.dataset_name,
+        [data_args.train_split, *data_args.eval_splits],
+        dataset_config=data_args.dataset_config,
+        data_dir=data_args.data_dir,
+        world_seed=args.seed,
+    )
+    train = splits.pop(data_args.train_split)
+    if data_args.max_train_samples:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.max_eval_samples:
+        splits = {k: v.select(range(min(data_args.max_eval_samples, len(v)))) for k, v in splits.items()}
+    class_names = (
+        _lines(model_args.class_names, load_class_names)
+        if model_args.class_names
+        else class_names_of(train, data_args.label_column)
+    )
+
+    model = load_classifier(
+        model_args.model_name_or_path,
+        class_names=class_names,
+        templates=_templates(model_args.templates),
+        show_progress=args.process_index == 0,
+    )
+    image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+    columns = {"image_column": data_args.image_column, "label_column": data_args.label_column}
+    trainer = CfftTrainer(model=model, args=args, train_dataset=train, processing_class=image_processor)
+
+    if args.needs_teacher_cams:
+        with args.main_process_first(desc="teacher CAMs"):
+            train = precompute_cams(
+                train,
+                trainer.teacher,
+                image_processor,
+                method=args.cam_method,
+                batch_size=args.cam_batch_size,
+                device=args.device,
+                **columns,
+            )
+    trainer.train_dataset = train.with_transform(
+        CounterfactualTransform(
+            image_processor,
+            grid=model.patch_grid,
+            mask_kind=args.mask_kind,
+            mask_threshold=args.mask_threshold,
+            augment=args.augment,
+            num_labels=len(class_names),
+            **columns,
+        )
+    )
+
+    results: dict[str, dict[str, float]] = {}
+    evaluate_kwargs = dict(ood_splits=data_args.ood_splits, batch_size=args.per_device_eval_batch_size, **columns)
+    if data_args.evaluate_zero_shot and splits and trainer.teacher is not None and args.process_index == 0:
+        results["zero-shot"] = evaluate_splits(trainer.teacher, splits, image_processor, **evaluate_kwargs)
+    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    trainer.log_metrics("train", train_result.metrics)
+    if splits and trainer.is_world_process_zero():
+        results["fine-tuned"] = evaluate_splits(trainer.model, splits, image_processor, **evaluate_kwargs)
+        columns_order = [*data_args.eval_splits] + (["ood_avg"] if data_args.ood_splits else [])
+        table = results_table(results, columns_order)
+        print("\nTop-1 accuracy (%)\n" + table)
+        with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        with open(os.path.join(args.output_dir, "eval_results.md"), "w") as f:
+            f.write(table + "\n")
+    trainer.accelerator.wait_for_everyone()
+    return results
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    main()

@@ -1,0 +1,148 @@
+"""`CfftConfig`: `TrainingArguments` plus the knobs of counterfactual fine-tuning.
+
+Every field is a CLI flag and a YAML key through `HfArgumentParser`. Defaults follow the paper's best setting
+(object-mask, CAM threshold 0.3, single-fill, beta = 30), with two deliberate exceptions documented in the README:
+weight decay skips biases and LayerNorms, and the schedule is transformers' linear warm-up/decay, unless
+``decay_all_parameters`` and ``one_cycle_schedule`` are set as the reference implementation does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .cam import CAM_METHODS
+from .losses import DISTILL_TARGETS
+from .masking import FILL_KINDS, MASK_KINDS
+
+CAM_SOURCES = ("teacher", "student")
+AUGMENTATIONS = ("none", "flip", "crop_flip")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
+
+
+@dataclass
+class CfftConfig(TrainingArguments):
+    """Training arguments for `CfftTrainer`: the method's knobs, validated when the config is built."""
+
+    distill_weight: float = field(
+        default=30.0,
+        metadata={"help": "beta: weight of the distillation term on counterfactual images. 0 = vanilla fine-tuning."},
+    )
+    mask_kind: str = field(
+        default="object",
+        metadata={
+            "help": "Patches to mask: 'object' (CAM > threshold), 'context' (CAM <= threshold), 'random', or "
+            "'none' (distil on the clean images: FT+FD)."
+        },
+    )
+    fill_kind: str = field(
+        default="single",
+        metadata={
+            "help": "Refill masked patches: 'none' (patches removed from the encoder's input), 'single' (from one "
+            "other image of the batch), 'multi' (each patch from a random other image)."
+        },
+    )
+    mask_threshold: float = field(
+        default=0.3, metadata={"help": "CAM threshold in (0, 1) for object/context masks (CAMs are max-normalised)."}
+    )
+    mask_ratio: float = field(default=0.5, metadata={"help": "Fraction of patches masked by random-mask, in (0, 1)."})
+    cam_method: str = field(
+        default="rollout",
+        metadata={"help": "CAM method: 'rollout' (gradient-weighted attention rollout) or 'gradcam' (last block)."},
+    )
+    cam_source: str = field(
+        default="teacher",
+        metadata={
+            "help": "Model whose CAM picks the mask: 'teacher' (pre-computed once with Dataset.map, cached: cheap) "
+            "or 'student' (recomputed every step by the model being trained, as the reference code does)."
+        },
+    )
+    distill_target: str = field(
+        default="features",
+        metadata={"help": "Distil 'features' (MSE of image embeddings, the paper) or 'logits' (KD with temperature)."},
+    )
+    kd_temperature: float = field(default=1.0, metadata={"help": "Temperature of logit distillation (> 0)."})
+    linear_probe: bool = field(
+        default=False, metadata={"help": "Train only the linear head; the image encoder stays frozen."}
+    )
+    decay_all_parameters: bool = field(
+        default=False,
+        metadata={"help": "Apply weight decay to every parameter, biases and norms included (the reference code)."},
+    )
+    one_cycle_schedule: bool = field(
+        default=False,
+        metadata={
+            "help": "Use torch's OneCycleLR (cosine, warm-up fraction = warmup_steps if < 1, else 0.02) as the "
+            "reference code does, instead of lr_scheduler_type."
+        },
+    )
+    augment: str = field(
+        default="none",
+        metadata={
+            "help": "Geometric augmentation applied in the data transform, the CAM following the same geometry: "
+            "'none' (the paper: CLIP's resize + centre crop), 'flip', or 'crop_flip' (random resized crop + flip)."
+        },
+    )
+    cam_batch_size: int = field(default=64, metadata={"help": "Batch size of the teacher-CAM pre-computation pass."})
+
+    # Method-required defaults of TrainingArguments fields (TRL's idiom: defaults, not mutations in the trainer).
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the image column for the transform (must stay False)."}
+    )
+    dataloader_drop_last: bool = field(
+        default=True, metadata={"help": "Drop the last incomplete batch, so refilling always has partners."}
+    )
+    report_to: None | str | list[str] = field(
+        default="none", metadata={"help": "Integrations to report to (e.g. 'tensorboard')."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _choice("mask_kind", self.mask_kind, MASK_KINDS)
+        _choice("fill_kind", self.fill_kind, FILL_KINDS)
+        _choice("cam_method", self.cam_method, CAM_METHODS)
+        _choice("cam_source", self.cam_source, CAM_SOURCES)
+        _choice("distill_target", self.distill_target, DISTILL_TARGETS)
+        _choice("augment", self.augment, AUGMENTATIONS)
+        if self.distill_weight < 0:
+            raise ValueError(f"distill_weight={self.distill_weight} must be >= 0 (0 = vanilla fine-tuning)")
+        if not 0 < self.mask_threshold < 1:
+            raise ValueError(f"mask_threshold={self.mask_threshold} must lie in (0, 1); the paper's best is 0.3")
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio={self.mask_ratio} must lie in (0, 1); the paper tries 0.25, 0.5, 0.75")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"kd_temperature={self.kd_temperature} must be > 0")
+        if self.cam_batch_size < 1:
+            raise ValueError(f"cam_batch_size={self.cam_batch_size} must be >= 1")
+        if self.mask_kind == "none" and self.fill_kind != "none":
+            raise ValueError(
+                f"fill_kind={self.fill_kind!r} needs masked patches to refill, but mask_kind='none'; "
+                "set fill_kind='none' too (that is FT+FD), or choose a mask_kind"
+            )
+        if self.cam_source == "student" and self.linear_probe:
+            raise ValueError(
+                "cam_source='student' with linear_probe=True: a frozen encoder's CAM never changes, so it is the "
+                "teacher's; use cam_source='teacher'"
+            )
+        if self.fill_kind != "none" and self.per_device_train_batch_size < 2:
+            raise ValueError(
+                f"fill_kind={self.fill_kind!r} refills from other images of the batch, but "
+                f"per_device_train_batch_size={self.per_device_train_batch_size}; use >= 2"
+            )
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns=True would drop the image column before the transform; use False")
+
+    @property
+    def uses_counterfactuals(self) -> bool:
+        """Whether training distils on masked images (as opposed to vanilla FT or FT+FD)."""
+        return self.distill_weight > 0 and self.mask_kind != "none"
+
+    @property
+    def needs_teacher_cams(self) -> bool:
+        """Whether the train set needs a pre-computed ``cam`` column."""
+        return self.uses_counterfactuals and self.mask_kind in ("object", "context") and self.cam_source == "teacher"

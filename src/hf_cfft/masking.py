@@ -1,0 +1,128 @@
+"""Counterfactual images: choose patches to mask, then refill them. Pure torch, no model: runs in DataLoader workers.
+
+Masks are boolean [B, h, w] over the model's patch grid, True = the patch is masked.
+
+- object-mask: patches whose CAM exceeds ``threshold`` (the object's evidence is removed);
+- context-mask: the complement (the context is removed);
+- random-mask: exactly ``round(ratio * h * w)`` patches per image, chosen uniformly. A fixed count (rather than an
+  independent coin per patch) makes every image keep the same number of tokens, so no-fill can drop them.
+
+Refilling ("fill"):
+
+- none: masked patches are removed from the encoder's input (``patch_keep`` is returned); their pixels are zeroed
+  only so that pictures show the hole, the model never sees those zeros;
+- single: every masked patch of image i comes from the same position of ONE other image of the batch;
+- multi: each masked patch comes from the same position of an independently drawn other image.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK_KINDS = ("none", "object", "context", "random")
+FILL_KINDS = ("none", "single", "multi")
+
+
+def cam_patch_mask(cam: torch.Tensor, kind: str, threshold: float) -> torch.Tensor:
+    """Object- or context-mask from a max-normalised CAM: [B, h, w] float -> [B, h, w] bool (True = masked)."""
+    if kind == "object":
+        return cam > threshold
+    if kind == "context":
+        return cam <= threshold
+    raise ValueError(f"mask kind {kind!r} is not CAM-based; expected 'object' or 'context'")
+
+
+def random_patch_mask(
+    batch: int, grid: tuple[int, int], ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random mask with exactly ``round(ratio * h * w)`` masked patches per image -> [B, h, w] bool."""
+    h, w = grid
+    num_masked = round(ratio * h * w)
+    scores = torch.rand(batch, h * w, generator=generator)
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    return (ranks < num_masked).view(batch, h, w)
+
+
+def _check_batch(batch: int) -> None:
+    if batch < 2:
+        raise ValueError(
+            f"refilling needs at least 2 images per batch to take patches from another image, got {batch}; "
+            "use fill_kind='none' or a per-device batch size >= 2 with dataloader_drop_last=True"
+        )
+
+
+def single_fill_partners(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One partner per image, never itself: [B] long with partner[i] != i."""
+    _check_batch(batch)
+    offsets = torch.randint(1, batch, (batch,), generator=generator)
+    return (torch.arange(batch) + offsets) % batch
+
+
+def multi_fill_sources(batch: int, num_patches: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """An independent donor image per patch, never the image itself: [B, N] long with source[i, n] != i."""
+    _check_batch(batch)
+    offsets = torch.randint(1, batch, (batch, num_patches), generator=generator)
+    return (torch.arange(batch).view(-1, 1) + offsets) % batch
+
+
+def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, N, C * p * p] in row-major patch order (the ViT token order)."""
+    b, c, height, width = pixel_values.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch_size}")
+    h, w = height // patch_size, width // patch_size
+    x = pixel_values.reshape(b, c, h, patch_size, w, patch_size).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, h * w, c * patch_size * patch_size)
+
+
+def unpatchify(patches: torch.Tensor, channels: int, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """Inverse of `patchify`: [B, N, C * p * p] -> [B, C, H, W]."""
+    b = patches.shape[0]
+    h, w = grid
+    x = patches.reshape(b, h, w, channels, patch_size, patch_size).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, h * patch_size, w * patch_size)
+
+
+def refill(
+    pixel_values: torch.Tensor,
+    mask: torch.Tensor,
+    fill: str,
+    patch_size: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Replace the masked patches of each image: [B, C, H, W], [B, h, w] bool -> [B, C, H, W].
+
+    ``fill='none'`` zeroes them (for display; pair it with ``patch_keep = ~mask`` in the encoder).
+    """
+    b, c, height, width = pixel_values.shape
+    grid = (height // patch_size, width // patch_size)
+    if tuple(mask.shape) != (b, *grid):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the batch's patch grid {(b, *grid)}")
+    patches = patchify(pixel_values, patch_size)  # [B, N, P]
+    flat_mask = mask.reshape(b, -1, 1).to(patches.device)
+    if fill == "none":
+        donors = torch.zeros_like(patches)
+    elif fill == "single":
+        donors = patches[single_fill_partners(b, generator).to(patches.device)]
+    elif fill == "multi":
+        sources = multi_fill_sources(b, patches.shape[1], generator).to(patches.device)
+        donors = patches[sources, torch.arange(patches.shape[1], device=patches.device)]
+    else:
+        raise ValueError(f"fill kind {fill!r} is not one of {FILL_KINDS}")
+    return unpatchify(torch.where(flat_mask, donors, patches), c, grid, patch_size)
+
+
+def make_counterfactuals(
+    pixel_values: torch.Tensor,
+    mask: torch.Tensor,
+    fill: str,
+    patch_size: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Counterfactual images and, for no-fill, the patches the encoder keeps.
+
+    Returns ``cf_pixel_values`` [B, C, H, W] and ``patch_keep`` [B, h * w] bool (None unless ``fill='none'``).
+    """
+    cf = refill(pixel_values, mask, fill, patch_size, generator)
+    keep = (~mask).reshape(mask.shape[0], -1) if fill == "none" else None
+    return cf, keep

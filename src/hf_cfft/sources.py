@@ -1,0 +1,68 @@
+"""Where image datasets come from: the embedded world, a local ImageFolder, or a dataset on the Hub."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from datasets import ClassLabel, Dataset, load_dataset
+
+WORLD = "world"
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else with a slash is meant as a folder.
+    return name.startswith((".", "/", "~")) or name.count("/") >= 2
+
+
+def load_image_splits(
+    dataset_name: str,
+    splits: Sequence[str],
+    *,
+    dataset_config: str | None = None,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    world_seed: int = 0,
+) -> dict[str, Dataset]:
+    """Load ``splits`` of an image dataset as a dict of `datasets.Dataset`.
+
+    ``dataset_name`` is ``"world"`` (the embedded world, generated in memory), a local folder in ImageFolder layout
+    (``<dir>/<split>/<class>/<image>``), ``"imagefolder"`` with ``data_dir``, or a Hub dataset id.
+    """
+    if dataset_name == WORLD:
+        from .world import SPLITS, make_world_split
+
+        unknown = [s for s in splits if s not in SPLITS]
+        if unknown:
+            raise ValueError(f"the world has no split(s) {unknown}; its splits are {', '.join(SPLITS)}")
+        return {split: make_world_split(split, seed=world_seed) for split in splits}
+    if os.path.isdir(os.path.expanduser(dataset_name)):
+        data_dir, dataset_name = os.path.expanduser(dataset_name), "imagefolder"
+    elif _looks_like_path(dataset_name):
+        raise FileNotFoundError(
+            f"dataset folder {dataset_name!r} does not exist; pass an existing ImageFolder directory "
+            "(<dir>/<split>/<class>/<image>) or a Hub dataset id"
+        )
+    if dataset_name == "imagefolder":
+        if data_dir is None or not os.path.isdir(data_dir):
+            raise FileNotFoundError(f"ImageFolder data_dir {data_dir!r} does not exist; pass an existing directory")
+    loaded = load_dataset(dataset_name, dataset_config, data_dir=data_dir, cache_dir=cache_dir)
+    missing = [s for s in splits if s not in loaded]
+    if missing:
+        raise ValueError(
+            f"split(s) {missing} not found in {dataset_name} {data_dir or ''}; available: {', '.join(loaded)}"
+        )
+    return {split: loaded[split] for split in splits}
+
+
+def class_names_of(dataset: Dataset, label_column: str = "label") -> list[str]:
+    """The class names of a dataset whose label column is a `ClassLabel`, in label-index order."""
+    if label_column not in dataset.features:
+        raise KeyError(f"label column {label_column!r} not found; the dataset has {dataset.column_names}")
+    feature = dataset.features[label_column]
+    if not isinstance(feature, ClassLabel):
+        raise ValueError(
+            f"column {label_column!r} is {feature}, not a ClassLabel, so class names are unknown; "
+            "pass class names explicitly (--class_names imagenet or a text file with one name per line)"
+        )
+    return list(feature.names)

@@ -1,0 +1,179 @@
+"""`CfftTrainer`: a `transformers.Trainer` whose loss adds distillation on counterfactual images.
+
+    L = CE(g(f(x)), y) + beta * MSE(f_hat(x_cf), f(x_cf))
+
+f is the model being fine-tuned, f_hat a frozen copy of the pre-trained model (the teacher). The teacher lives
+outside ``self.model``: accelerate places it on the device (and under mixed precision) but it is never optimised,
+never wrapped for DDP and never written into a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections import defaultdict
+
+import torch
+from torch.optim.lr_scheduler import OneCycleLR
+from transformers import Trainer
+
+from .cam import compute_cam
+from .config import CfftConfig
+from .data import CounterfactualCollator
+from .losses import counterfactual_loss
+from .masking import cam_patch_mask, make_counterfactuals
+from .modeling import ClipCfftForImageClassification
+
+
+class CfftTrainer(Trainer):
+    """Counterfactual fine-tuning (Xiao et al., CVPR 2023) on top of `transformers.Trainer`.
+
+    Args:
+        model: the `ClipCfftForImageClassification` to fine-tune (its head usually the zero-shot classifier).
+        args: a `CfftConfig`.
+        teacher: the frozen pre-trained model f_hat. Defaults to a copy of ``model`` taken before training, which
+            is the paper's choice; pass e.g. a WiSE-FT model to distil from something else.
+        data_collator: defaults to a `CounterfactualCollator` configured from ``args``.
+        Other keyword arguments go to `transformers.Trainer`.
+    """
+
+    _tag_names = ["hf_cfft", "clip", "robust-fine-tuning", "counterfactual-fine-tuning"]
+    # compute_loss returns per-micro-batch means (equal-sized batches: dataloader_drop_last), so the Trainer divides
+    # by the accumulation steps itself.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: ClipCfftForImageClassification,
+        args: CfftConfig,
+        teacher: ClipCfftForImageClassification | None = None,
+        data_collator=None,
+        **kwargs,
+    ):
+        if not isinstance(args, CfftConfig):
+            raise TypeError(f"args must be a CfftConfig, got {type(args).__name__}")
+        if args.linear_probe:
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(name.startswith("classifier."))
+        if teacher is None and args.distill_weight > 0:
+            teacher = copy.deepcopy(model)
+        if data_collator is None:
+            data_collator = CounterfactualCollator(
+                mask_kind=args.mask_kind if args.uses_counterfactuals else "none",
+                fill_kind=args.fill_kind,
+                mask_ratio=args.mask_ratio,
+                patch_size=model.config.vision_config.patch_size,
+                seed=args.seed,
+            )
+        super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        self.teacher = None
+        if teacher is not None:
+            teacher.requires_grad_(False).eval()
+            self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._micro_step = 0
+
+    # ---- optimisation switches for the paper's exact setting ----
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        """All parameters when ``decay_all_parameters`` (the reference code), else the Trainer's default."""
+        if self.args.decay_all_parameters:
+            return [name for name, _ in model.named_parameters()]
+        return super().get_decay_parameter_names(model)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """torch's OneCycleLR (cosine) when ``one_cycle_schedule``, else the configured transformers schedule."""
+        if not self.args.one_cycle_schedule or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        warmup = self.args.warmup_steps
+        pct_start = warmup if 0 < warmup < 1 else (warmup / num_training_steps if warmup >= 1 else 0.02)
+        self.lr_scheduler = OneCycleLR(
+            optimizer,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=max(num_training_steps, 2),
+            pct_start=min(max(pct_start, 1e-6), 0.999),
+            anneal_strategy="cos",
+            cycle_momentum=False,
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # ---- the objective ----
+
+    def _student_counterfactuals(self, model, pixel_values: torch.Tensor, labels: torch.Tensor):
+        """CAM of the model being trained -> masks -> refilled images, seeded by (seed, step, process, micro-step)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        cam = compute_cam(unwrapped, pixel_values, labels, self.args.cam_method)
+        mask = cam_patch_mask(cam, self.args.mask_kind, self.args.mask_threshold).cpu()
+        key = f"{self.args.seed}/{self.state.global_step}/{self.args.process_index}/{self._micro_step}"
+        seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+        generator = torch.Generator().manual_seed(seed)
+        cf, keep = make_counterfactuals(
+            pixel_values, mask.to(pixel_values.device), self.args.fill_kind, unwrapped.config.vision_config.patch_size,
+            generator,
+        )
+        return cf, keep
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """CE on clean images + beta * distillation on counterfactuals; logs both parts separately.
+
+        ``num_items_in_batch`` is accepted for the Trainer's signature; both terms are per-batch means.
+        """
+        args = self.args
+        pixel_values, labels = inputs["pixel_values"], inputs["labels"]
+        cf_pixel_values, cf_keep = inputs.get("cf_pixel_values"), inputs.get("cf_patch_keep")
+        distill = model.training and self.teacher is not None and args.distill_weight > 0
+        if distill and args.uses_counterfactuals and cf_pixel_values is None:
+            if args.mask_kind in ("object", "context") and args.cam_source == "student":
+                cf_pixel_values, cf_keep = self._student_counterfactuals(model, pixel_values, labels)
+            elif args.needs_teacher_cams and pixel_values.shape[0] >= 2:
+                raise ValueError(
+                    f"mask_kind={args.mask_kind!r} with cam_source='teacher' needs a 'cam' column in the train set; "
+                    "run hf_cfft.precompute_cams on it first (recipes/finetune.py does)"
+                )
+            else:
+                distill = False  # a batch of one image has no partner to refill from
+        self._micro_step += 1
+
+        if distill and args.uses_counterfactuals:
+            outputs = model(pixel_values=pixel_values, cf_pixel_values=cf_pixel_values, cf_patch_keep=cf_keep)
+            teacher_input, student_cf = cf_pixel_values, outputs.cf_image_embeds
+            student_cf_logits = outputs.cf_logits
+        else:
+            outputs = model(pixel_values=pixel_values)
+            # FT+FD distils on the clean images: reuse the clean pass instead of a second forward.
+            teacher_input, cf_keep, student_cf = pixel_values, None, outputs.image_embeds
+            student_cf_logits = outputs.logits
+
+        teacher_cf = None
+        if distill:
+            with torch.no_grad():
+                teacher_cf = self.teacher.get_image_features(teacher_input, cf_keep)
+                if args.distill_target == "logits":
+                    teacher_cf = self.teacher.logits_from_features(teacher_cf)
+            if args.distill_target == "logits":
+                student_cf = student_cf_logits
+        parts = counterfactual_loss(
+            outputs.logits,
+            labels,
+            student_cf if distill else None,
+            teacher_cf,
+            distill_weight=args.distill_weight,
+            distill_target=args.distill_target,
+            temperature=args.kd_temperature,
+        )
+        mode = "train" if model.training else "eval"
+        self._metrics[f"{mode}/task_loss"].append(parts["task_loss"].item())
+        if distill:
+            self._metrics[f"{mode}/distill_loss"].append(parts["distill_loss"].item())
+        return (parts["loss"], outputs) if return_outputs else parts["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Merge the buffered task and distillation losses (means since the last log) into the Trainer's logs."""
+        mode = "train" if any(not key.startswith("eval_") for key in logs) and "loss" in logs else "eval"
+        prefix = "" if mode == "train" else "eval_"
+        for key in [k for k in self._metrics if k.startswith(mode + "/")]:
+            values = self._metrics.pop(key)
+            logs[prefix + key.split("/", 1)[1]] = sum(values) / len(values)
+        super().log(logs, start_time)

@@ -1,0 +1,72 @@
+"""Tiny CLIP checkpoints and image folders built in code, for tests that exercise the real loading paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+
+CLASSES = ("cat", "dog", "fox")
+_WORDS = "a an the photo of picture image close-up cropped good . cat dog fox".split()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<bos>", "<eos>", *dict.fromkeys(_WORDS)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    )
+    tokenizer.model_max_length = 16
+    return tokenizer
+
+
+def tiny_clip(seed: int = 0) -> CLIPModel:
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=32, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=16, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    return CLIPModel(config)
+
+
+def tiny_image_processor() -> CLIPImageProcessor:
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def save_tiny_clip(path: Path, seed: int = 0) -> Path:
+    """A complete CLIP checkpoint folder (weights, tokenizer, image processor), like a Hub snapshot."""
+    tiny_clip(seed).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    tiny_image_processor().save_pretrained(path)
+    return path
+
+
+def write_imagefolder(root: Path, splits=("train", "test"), per_class: int = 6, seed: int = 0) -> Path:
+    """<root>/<split>/<class>/<n>.png with class-dependent colours, odd sizes and modes, as users' folders have."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(per_class):
+                size = (int(rng.integers(30, 48)), int(rng.integers(30, 48)))
+                pixels = rng.integers(0, 80, (*size, 3)) + np.array([80 * label, 40, 160 - 60 * label])
+                image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+                image = image.convert("L") if n == 0 else image
+                image.save(folder / f"{n}.png")
+    return root
