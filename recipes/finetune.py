@@ -20,8 +20,10 @@ import yaml
 from transformers import AutoImageProcessor, HfArgumentParser
 
 from hf_cfft import CfftConfig, CfftTrainer, CounterfactualTransform, load_class_names, load_classifier, load_templates
+from hf_cfft.checkpoints import resolve_resume_checkpoint
 from hf_cfft.data import precompute_cams
 from hf_cfft.evaluation import evaluate_splits, results_table
+from hf_cfft.image_checks import drop_unreadable_images, undecoded
 from hf_cfft.sources import WORLD, class_names_of, load_image_splits
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "world.yaml"
@@ -44,6 +46,13 @@ class ModelArguments:
         default="simple",
         metadata={"help": "Prompt templates: 'openai_imagenet', 'simple', 'world', or a text file, one per line."},
     )
+    teacher_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Distil from this saved classifier (e.g. a WiSE-FT model) instead of the pre-trained starting "
+            "point. It must have the same classes."
+        },
+    )
 
 
 @dataclass
@@ -61,6 +70,15 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the train split (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate each eval split."})
     evaluate_zero_shot: bool = field(default=True, metadata={"help": "Also evaluate the model before fine-tuning."})
+    image_check: str = field(
+        default="verify",
+        metadata={
+            "help": "Check train images before training: 'verify' (file structure), 'decode' (every pixel), 'none'."
+        },
+    )
+    skip_corrupt_images: bool = field(
+        default=False, metadata={"help": "Drop unreadable train images (and report how many) instead of failing."}
+    )
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, CfftConfig]:
@@ -132,7 +150,21 @@ def main(argv: list[str] | None = None) -> dict:
     )
     image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
     columns = {"image_column": data_args.image_column, "label_column": data_args.label_column}
-    trainer = CfftTrainer(model=model, args=args, train_dataset=train, processing_class=image_processor)
+    train, skipped = drop_unreadable_images(
+        train, data_args.image_column, skip=data_args.skip_corrupt_images, check=data_args.image_check
+    )
+    if skipped:
+        print(f"Skipped {skipped} unreadable train image(s); training on {len(train)}.")
+    train = undecoded(train, data_args.image_column)  # decode in the transform, where a broken file gets its name
+    teacher = None
+    if model_args.teacher_name_or_path:
+        teacher = load_classifier(model_args.teacher_name_or_path, class_names=class_names)
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if args.process_index == 0:
+        print(f"Training on {len(train)} images with {args.world_size} process(es) on {args.device}.")
+    trainer = CfftTrainer(
+        model=model, args=args, teacher=teacher, train_dataset=train, processing_class=image_processor
+    )
 
     if args.needs_teacher_cams:
         with args.main_process_first(desc="teacher CAMs"):
@@ -161,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate_kwargs = dict(ood_splits=data_args.ood_splits, batch_size=args.per_device_eval_batch_size, **columns)
     if data_args.evaluate_zero_shot and splits and trainer.teacher is not None and args.process_index == 0:
         results["zero-shot"] = evaluate_splits(trainer.teacher, splits, image_processor, **evaluate_kwargs)
-    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     trainer.log_metrics("train", train_result.metrics)
     if splits and trainer.is_world_process_zero():

@@ -62,7 +62,9 @@ def test_recipe_trains_saves_and_reloads_identically(workspace, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(pixels).logits, again(pixels).logits)
 
-    classify = pipeline("image-classification", model=str(out), image_processor=AutoImageProcessor.from_pretrained(out))
+    classify = pipeline(
+        "image-classification", model=str(out), image_processor=AutoImageProcessor.from_pretrained(out)
+    )
     predictions = classify(str(images / "test" / "dog" / "1.png"), top_k=3)
     assert sorted(p["label"] for p in predictions) == sorted(CLASSES)
 
@@ -95,16 +97,19 @@ def test_missing_dataset_folder_is_named(workspace, tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="two CPU processes via accelerate launch")
 def test_accelerate_launch_two_processes(workspace, tmp_path):
+    # accelerate 1.x's `--cpu` starts ONE process (several CPU processes need mpirun); `--multi_gpu` + `--use_cpu`
+    # starts two gloo processes through torchrun.
     clip, images = workspace
     out = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "finetune.py"),
         *_args(clip, images, out), "--evaluate_zero_shot", "false",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "with 2 process(es) on cpu" in done.stdout
     assert (out / "model.safetensors").is_file()
     assert "fine-tuned" in json.loads((out / "eval_results.json").read_text())
 
@@ -114,7 +119,12 @@ def test_paper_configs_hold_the_paper_settings(name):
     # bf16 needs a GPU when the arguments are validated; everything else is checked as written.
     path = str(ROOT / "recipes" / "configs" / name)
     _, data_args, args = _recipe().parse_args(["--config", path, "--bf16", "false"])
-    assert (args.mask_kind, args.fill_kind, args.mask_threshold, args.distill_weight) == ("object", "single", 0.3, 30.0)
+    assert (args.mask_kind, args.fill_kind, args.mask_threshold, args.distill_weight) == (
+        "object",
+        "single",
+        0.3,
+        30.0,
+    )
     assert (args.learning_rate, args.weight_decay, args.num_train_epochs, args.max_grad_norm) == (3e-5, 0.1, 10, 1.0)
     assert args.decay_all_parameters and args.one_cycle_schedule and args.warmup_steps == 0.02
     assert args.per_device_train_batch_size * 8 * args.gradient_accumulation_steps == 512

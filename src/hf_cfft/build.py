@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 
 import torch
-from transformers import AutoTokenizer, CLIPModel
+from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
 from .modeling import ClipCfftConfig, ClipCfftForImageClassification
 from .zeroshot import build_zeroshot_weights
@@ -78,6 +78,13 @@ def load_classifier(
     if class_names is None or templates is None:
         raise ValueError(
             f"{model_name_or_path} is a CLIP checkpoint: class_names and templates are needed to build its head"
+        )
+    model_type = AutoConfig.from_pretrained(model_name_or_path).model_type
+    if model_type != "clip":
+        raise ValueError(
+            f"{model_name_or_path} is a {model_type!r} checkpoint; hf_cfft fine-tunes CLIP ViT image encoders "
+            "(masking needs their patch grid and the text tower builds the zero-shot head): pass a CLIP checkpoint "
+            "such as openai/clip-vit-base-patch32, or a classifier saved by hf_cfft"
         )
     clip = CLIPModel.from_pretrained(model_name_or_path, **from_pretrained_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)

@@ -12,6 +12,7 @@ batch gets the same counterfactuals whichever worker builds it and after a resum
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,14 +21,31 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from datasets.fingerprint import Hasher
+from PIL import Image
 
 from .cam import compute_cam
 from .masking import cam_patch_mask, make_counterfactuals, random_patch_mask
 
 
-def _rgb(image: Any) -> Any:
-    # CLIP expects 3 channels; grayscale, palette and RGBA images are common in user folders.
-    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+def load_image(item: Any) -> Image.Image:
+    """A PIL RGB image from a decoded image or an undecoded ``{"path", "bytes"}`` dict (``Image(decode=False)``).
+
+    Decoding here rather than inside ``datasets`` lets a broken file be reported by its name.
+    """
+    if isinstance(item, dict):
+        name = item.get("path") or "<in-memory bytes>"
+        try:
+            image = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
+            image.load()
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ValueError(
+                f"cannot read image {name}: {error}. Remove or replace the file, or train with "
+                "--skip_corrupt_images true to drop unreadable images before training"
+            ) from error
+    else:
+        image = item
+    # CLIP expects 3 channels; grayscale, palette, CMYK and RGBA images are common in user folders.
+    return image.convert("RGB") if image.mode != "RGB" else image
 
 
 def _check_labels(labels: Sequence[int], num_labels: int | None) -> None:
@@ -43,7 +61,7 @@ def _check_labels(labels: Sequence[int], num_labels: int | None) -> None:
 
 def preprocess_images(image_processor: Callable, images: Sequence[Any]) -> torch.Tensor:
     """PIL images -> [B, C, H, W] float pixel values with the checkpoint's own resize, crop and normalisation."""
-    return image_processor(images=[_rgb(image) for image in images], return_tensors="pt")["pixel_values"]
+    return image_processor(images=[load_image(image) for image in images], return_tensors="pt")["pixel_values"]
 
 
 def _random_resized_crop_box(height: int, width: int) -> tuple[int, int, int, int]:

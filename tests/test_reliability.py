@@ -1,0 +1,289 @@
+"""Reliability: exact resume after SIGKILL, incomplete checkpoints skipped, bad input stopped with a clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _builders import CLASSES, save_tiny_clip, write_imagefolder
+from safetensors.torch import load_file
+
+from hf_cfft.build import load_classifier
+from hf_cfft.checkpoints import checkpoint_problems, latest_complete_checkpoint, resolve_resume_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "finetune.py"
+
+# Runs the real recipe in a child process; after the checkpoint of step STOP_AFTER is on disk it writes a flag file
+# and sleeps, so the test can SIGKILL it at a known point (the kill itself is real and unannounced to the child).
+_DRIVER = """
+import importlib.util, os, sys, time
+from transformers import TrainerCallback
+spec = importlib.util.spec_from_file_location("finetune_recipe", sys.argv[1])
+recipe = importlib.util.module_from_spec(spec); sys.modules[spec.name] = recipe; spec.loader.exec_module(recipe)
+stop_after, flag = int(os.environ["STOP_AFTER"]), os.environ["STOP_FLAG"]
+
+class Pause(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == stop_after:
+            open(flag, "w").close()
+            time.sleep(600)
+
+class PausingTrainer(recipe.CfftTrainer):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.add_callback(Pause())
+
+recipe.CfftTrainer = PausingTrainer
+recipe.main(sys.argv[2:])
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    return save_tiny_clip(root / "clip"), write_imagefolder(root / "images", per_class=6)
+
+
+def _args(clip, images, out, *extra):
+    return [
+        "--model_name_or_path", str(clip), "--dataset_name", str(images), "--output_dir", str(out),
+        "--per_device_train_batch_size", "4", "--max_steps", "7", "--save_steps", "3", "--templates", "simple",
+        "--use_cpu", "--logging_steps", "1", "--evaluate_zero_shot", "false", "--learning_rate", "1e-3", *extra,
+    ]  # fmt: skip
+
+
+def _run(args, env=None, timeout=240):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, *args], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["--mask_kind", "object", "--fill_kind", "single"],  # teacher CAMs cached, content-seeded refills
+        ["--mask_kind", "context", "--fill_kind", "multi", "--cam_source", "student"],  # step-seeded refills
+        ["--mask_kind", "random", "--fill_kind", "none", "--mask_ratio", "0.5"],  # random masks + token drop
+    ],
+    ids=["object-single-teacher", "context-multi-student", "random-none"],
+)
+def test_sigkilled_run_resumes_to_the_same_weights_bitwise(workspace, tmp_path, method):
+    clip, images = workspace
+    whole = _run([str(RECIPE), *_args(clip, images, tmp_path / "whole", *method)])
+    out, err = whole.communicate(timeout=240)
+    assert whole.returncode == 0, err.decode()[-3000:]
+
+    flag = tmp_path / "paused"
+    killed_dir = tmp_path / "killed"
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    child = _run(
+        [str(driver), str(RECIPE), *_args(clip, images, killed_dir, *method)],
+        env={"STOP_AFTER": "3", "STOP_FLAG": str(flag)},
+    )
+    deadline = time.time() + 240
+    while not flag.exists():
+        assert child.poll() is None, child.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the child never reached its checkpoint"
+        time.sleep(0.1)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert not (killed_dir / "model.safetensors").exists(), "the killed run must not have finished"
+    assert latest_complete_checkpoint(str(killed_dir)).endswith("checkpoint-3")
+
+    resumed = _run([str(RECIPE), *_args(clip, images, killed_dir, *method), "--resume_from_checkpoint", "auto"])
+    _, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err.decode()[-3000:]
+
+    expected, got = _weights(tmp_path / "whole"), _weights(killed_dir)
+    assert expected.keys() == got.keys()
+    different = [name for name in expected if not torch.equal(expected[name], got[name])]
+    assert not different, f"resumed weights differ from the uninterrupted run in {different[:5]}"
+
+
+def test_truncated_checkpoint_is_skipped_and_never_loaded(workspace, tmp_path, caplog):
+    clip, images = workspace
+    done = _run([str(RECIPE), *_args(clip, images, tmp_path / "run", "--max_steps", "6")])
+    _, err = done.communicate(timeout=240)
+    assert done.returncode == 0, err.decode()[-3000:]
+    newest = tmp_path / "run" / "checkpoint-6"
+    assert checkpoint_problems(str(newest)) == []
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # killed mid-write
+
+    problems = checkpoint_problems(str(newest))
+    assert any("model.safetensors" in p for p in problems)
+    with caplog.at_level("WARNING"):
+        assert latest_complete_checkpoint(str(tmp_path / "run")) == str(tmp_path / "run" / "checkpoint-3")
+    assert "checkpoint-6" in caplog.text
+    with pytest.raises(ValueError, match="checkpoint-6 is incomplete.*--resume_from_checkpoint auto"):
+        resolve_resume_checkpoint(str(newest), str(tmp_path / "run"))
+    (newest / "trainer_state.json").write_text('{"global_step": ')
+    assert any("trainer_state.json" in p for p in checkpoint_problems(str(newest)))
+
+
+def test_no_checkpoint_yet_means_a_fresh_start(tmp_path):
+    assert resolve_resume_checkpoint("auto", str(tmp_path)) is None
+    assert resolve_resume_checkpoint(None, str(tmp_path)) is None
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        resolve_resume_checkpoint(str(tmp_path / "nowhere"), str(tmp_path))
+
+
+def test_library_never_unpickles_checkpoints():
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "src" / "hf_cfft").rglob("*.py")
+        if "torch.load(" in path.read_text() or "pickle.load" in path.read_text()
+    ]
+    assert offenders == []
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(workspace, tmp_path):
+    """Vanilla FT over 2 CPU processes equals 1 process: every step sees the whole 12-image set either way.
+
+    (With refilling the two differ by design: partners come from each process's own half-batch.)
+    """
+    clip, _ = workspace
+    images = write_imagefolder(tmp_path / "images", splits=("train",), per_class=4)
+    common = [
+        "--model_name_or_path", str(clip), "--dataset_name", str(images), "--max_steps", "3",
+        "--save_strategy", "no", "--templates", "simple", "--evaluate_zero_shot", "false", "--distill_weight", "0",
+        "--mask_kind", "none", "--fill_kind", "none", "--learning_rate", "1e-3", "--use_cpu",
+    ]  # fmt: skip
+    one = _run([str(RECIPE), *common, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "12"])
+    _, err = one.communicate(timeout=240)
+    assert one.returncode == 0, err.decode()[-3000:]
+    two = _run(
+        [
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(RECIPE),
+            *common,
+            "--output_dir",
+            str(tmp_path / "two"),
+            "--per_device_train_batch_size",
+            "6",
+        ]  # fmt: skip
+    )
+    out, err = two.communicate(timeout=300)
+    assert two.returncode == 0, err.decode()[-3000:]
+    assert "with 2 process(es) on cpu" in out.decode()
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    # Attention key biases get a gradient that is zero up to rounding (softmax ignores a per-query constant), and
+    # Adam scales that rounding noise up to learning-rate-sized steps: they are compared for finiteness only.
+    for name in a:
+        if name.endswith("k_proj.bias"):
+            assert torch.isfinite(b[name]).all()
+            continue
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith("checkpoint")) == []
+
+
+# ---- bad input: each row of docs/reliability.md ----
+
+
+def test_corrupt_image_fails_before_training_with_its_name(workspace, tmp_path):
+    clip, _ = workspace
+    images = write_imagefolder(tmp_path / "images", splits=("train",), per_class=3)
+    broken = images / "train" / "dog" / "2.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    done = _run([str(RECIPE), *_args(clip, images, tmp_path / "run")])
+    _, err = done.communicate(timeout=240)
+    assert done.returncode != 0
+    assert "2.png" in err.decode() and "--skip_corrupt_images" in err.decode()
+    assert not (tmp_path / "run" / "checkpoint-3").exists(), "must fail before training starts"
+
+
+def test_corrupt_image_can_be_skipped_and_counted(workspace, tmp_path):
+    clip, _ = workspace
+    images = write_imagefolder(tmp_path / "images", splits=("train",), per_class=3)
+    (images / "train" / "fox" / "1.png").write_bytes(b"garbage")
+    done = _run(
+        [str(RECIPE), *_args(clip, images, tmp_path / "run", "--skip_corrupt_images", "true", "--max_steps", "2")]
+    )
+    out, err = done.communicate(timeout=240)
+    assert done.returncode == 0, err.decode()[-3000:]
+    assert "Skipped 1 unreadable train image(s); training on 8." in out.decode()
+
+
+def test_class_names_that_do_not_match_the_head_are_refused(workspace, tmp_path):
+    clip, images = workspace
+    done = _run([str(RECIPE), *_args(clip, images, tmp_path / "run", "--max_steps", "1", "--save_strategy", "no")])
+    assert done.wait(timeout=240) == 0
+    with pytest.raises(ValueError, match="built for 3 classes .* but the dataset has 3 .*same order"):
+        load_classifier(str(tmp_path / "run"), class_names=[CLASSES[1], CLASSES[0], CLASSES[2]])
+    with pytest.raises(ValueError, match="built for 3 classes .* but the dataset has 2"):
+        load_classifier(str(tmp_path / "run"), class_names=list(CLASSES[:2]))
+
+
+def test_label_out_of_range_is_named(workspace, tmp_path):
+    clip, images = workspace
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")  # the folder has a third class, label 2
+    done = _run([str(RECIPE), *_args(clip, images, tmp_path / "run", "--class_names", str(names))])
+    _, err = done.communicate(timeout=240)
+    assert done.returncode != 0
+    assert "label 2 is outside the model's classes 0..1" in err.decode()
+
+
+def test_a_checkpoint_that_is_not_clip_is_refused(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    ).save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match="'vit' checkpoint; hf_cfft fine-tunes CLIP ViT"):
+        load_classifier(str(tmp_path / "vit"), class_names=["a", "b"], templates=["{}"])
+
+
+def test_missing_eval_folder_is_named(workspace, tmp_path):
+    clip, images = workspace
+    done = _run(
+        [str(RECIPE), *_args(clip, images, tmp_path / "run"), "--dataset_name", str(tmp_path / "no" / "such" / "dir")]
+    )
+    _, err = done.communicate(timeout=240)
+    assert done.returncode != 0 and "dataset folder" in err.decode() and "does not exist" in err.decode()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(workspace, tmp_path):
+    """Weights poisoned after step 2's checkpoint: step 3 must stop with its number; checkpoint-2 stays loadable."""
+    clip, images = workspace
+    driver = tmp_path / "poison.py"
+    driver.write_text(
+        _DRIVER.replace(
+            'open(flag, "w").close()\n            time.sleep(600)',
+            "kwargs['model'].classifier.weight.data.fill_(float('nan'))",
+        )
+    )
+    done = _run(
+        [str(driver), str(RECIPE), *_args(clip, images, tmp_path / "run", "--save_steps", "2")],
+        env={"STOP_AFTER": "2", "STOP_FLAG": str(tmp_path / "unused")},
+    )
+    _, err = done.communicate(timeout=240)
+    message = err.decode()
+    assert done.returncode != 0
+    assert "non-finite loss at step 3" in message and "checkpoint-2" in message
+    assert checkpoint_problems(str(tmp_path / "run" / "checkpoint-2")) == []
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
