@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = CfftTrainer(
         model=model, args=args, teacher=teacher, train_dataset=train, processing_class=image_processor
     )
+    trainer.base_model, trainer.dataset_name = model_args.model_name_or_path, data_args.dataset_name
+    trainer.ood_splits = data_args.ood_splits
 
     if args.needs_teacher_cams:
         with args.main_process_first(desc="teacher CAMs"):
@@ -194,17 +196,19 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.evaluate_zero_shot and splits and trainer.teacher is not None and args.process_index == 0:
         results["zero-shot"] = evaluate_splits(trainer.teacher, splits, image_processor, **evaluate_kwargs)
     train_result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(args.output_dir)
     trainer.log_metrics("train", train_result.metrics)
     if splits and trainer.is_world_process_zero():
         results["fine-tuned"] = evaluate_splits(trainer.model, splits, image_processor, **evaluate_kwargs)
-        columns_order = [*data_args.eval_splits] + (["ood_avg"] if data_args.ood_splits else [])
-        table = results_table(results, columns_order)
+        table = results_table(results, [*data_args.eval_splits] + (["ood_avg"] if data_args.ood_splits else []))
         print("\nTop-1 accuracy (%)\n" + table)
+        os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
             json.dump(results, f, indent=2)
         with open(os.path.join(args.output_dir, "eval_results.md"), "w") as f:
             f.write(table + "\n")
+        trainer.eval_results = results
+    # After evaluation, so the model card (and a --push_to_hub upload) carries the results table.
+    trainer.save_model(args.output_dir)
     trainer.accelerator.wait_for_everyone()
     return results
 

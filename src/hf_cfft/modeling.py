@@ -169,3 +169,6 @@ def register_auto_classes() -> None:
 
 
 register_auto_classes()
+# save_pretrained copies this file next to the weights and writes ``auto_map``, so a folder loads as remote code.
+ClipCfftConfig.register_for_auto_class("AutoConfig")
+ClipCfftForImageClassification.register_for_auto_class("AutoModelForImageClassification")

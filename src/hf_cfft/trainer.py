@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.optim.lr_scheduler import OneCycleLR
@@ -22,6 +23,7 @@ from .config import CfftConfig
 from .data import CounterfactualCollator
 from .losses import counterfactual_loss
 from .masking import cam_patch_mask, make_counterfactuals
+from .model_card import TRAINING_ARGS_JSON, write_model_card
 from .modeling import ClipCfftForImageClassification
 
 
@@ -71,7 +73,12 @@ class CfftTrainer(Trainer):
             teacher.requires_grad_(False).eval()
             self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._micro_step = 0
+        # What the model card reports beyond the args; recipes set them (eval_results before the final save).
+        self.base_model: str | None = None
+        self.dataset_name: str | None = None
+        self.eval_results: dict[str, dict[str, float]] | None = None
+        self.ood_splits: list[str] | None = None
+        self._micro_step, self._micro_step_of = 0, -1
 
     # ---- optimisation switches for the paper's exact setting ----
 
@@ -106,6 +113,7 @@ class CfftTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         cam = compute_cam(unwrapped, pixel_values, labels, self.args.cam_method)
         mask = cam_patch_mask(cam, self.args.mask_kind, self.args.mask_threshold).cpu()
+        # Keyed by optimizer step and micro-step, not a running counter, so a resumed run draws the same refills.
         key = f"{self.args.seed}/{self.state.global_step}/{self.args.process_index}/{self._micro_step}"
         seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
         generator = torch.Generator().manual_seed(seed)
@@ -124,6 +132,10 @@ class CfftTrainer(Trainer):
         pixel_values, labels = inputs["pixel_values"], inputs["labels"]
         cf_pixel_values, cf_keep = inputs.get("cf_pixel_values"), inputs.get("cf_patch_keep")
         distill = model.training and self.teacher is not None and args.distill_weight > 0
+        if model.training:
+            if self._micro_step_of != self.state.global_step:
+                self._micro_step_of, self._micro_step = self.state.global_step, 0
+            self._micro_step += 1
         if distill and args.uses_counterfactuals and cf_pixel_values is None:
             if args.mask_kind in ("object", "context") and args.cam_source == "student":
                 cf_pixel_values, cf_keep = self._student_counterfactuals(model, pixel_values, labels)
@@ -134,7 +146,6 @@ class CfftTrainer(Trainer):
                 )
             else:
                 distill = False  # a batch of one image has no partner to refill from
-        self._micro_step += 1
 
         if distill and args.uses_counterfactuals:
             outputs = model(pixel_values=pixel_values, cf_pixel_values=cf_pixel_values, cf_patch_keep=cf_keep)
@@ -164,10 +175,23 @@ class CfftTrainer(Trainer):
             temperature=args.kd_temperature,
         )
         mode = "train" if model.training else "eval"
+        if model.training and not torch.isfinite(parts["loss"]):
+            self._stop_on_non_finite_loss(parts)
         self._metrics[f"{mode}/task_loss"].append(parts["task_loss"].item())
         if distill:
             self._metrics[f"{mode}/distill_loss"].append(parts["distill_loss"].item())
         return (parts["loss"], outputs) if return_outputs else parts["loss"]
+
+    def _stop_on_non_finite_loss(self, parts: dict[str, torch.Tensor]) -> None:
+        from .checkpoints import latest_complete_checkpoint
+
+        last = latest_complete_checkpoint(self.args.output_dir)
+        raise FloatingPointError(
+            f"non-finite loss at step {self.state.global_step + 1} (task loss {parts['task_loss'].item()}, "
+            f"distillation loss {parts['distill_loss'].item()}); training stopped before this update was applied. "
+            + (f"The last good checkpoint is {last}: " if last else "No checkpoint was saved yet: ")
+            + "lower --learning_rate or --distill_weight, or use bf16 instead of fp16, then resume or restart"
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Merge the buffered task and distillation losses (means since the last log) into the Trainer's logs."""
@@ -177,3 +201,68 @@ class CfftTrainer(Trainer):
             values = self._metrics.pop(key)
             logs[prefix + key.split("/", 1)[1]] = sum(values) / len(values)
         super().log(logs, start_time)
+
+    # ---- release: a model card next to every saved model and checkpoint ----
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, plus the model card (README.md) and ``training_args.json`` beside the weights.
+
+        The Trainer saves every ``checkpoint-N`` through this method too, so checkpoints get their card as well.
+        Only processes that write the model (``args.should_save``) write them.
+        """
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            self._write_release_files(output_dir if output_dir is not None else self.args.output_dir)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write hf_cfft's model card to ``args.output_dir/README.md``: `push_to_hub` calls this before uploading.
+
+        The card shows the method's hyper-parameters from ``args``, and reads these trainer attributes when set:
+        ``base_model`` (the CLIP checkpoint fine-tuned from; ``finetuned_from`` overrides it), ``dataset_name``
+        (``dataset`` overrides it), ``eval_results`` (``{"zero-shot": {split: acc}, "fine-tuned": {...}}``, top-1 in
+        %, as in ``eval_results.json``) and ``ood_splits``. ``language``, ``tasks``, ``dataset_tags`` and
+        ``dataset_args`` belong to the Trainer's signature and are not used: the task is image classification.
+        """
+        if not self.is_world_process_zero():
+            return
+        if isinstance(dataset, (list, tuple)):
+            dataset = dataset[0] if dataset else None
+        self._write_release_files(
+            self.args.output_dir,
+            model_name=model_name,
+            license=license,
+            tags=[tags] if isinstance(tags, str) else tags,
+            base_model=finetuned_from,
+            dataset_name=dataset,
+        )
+
+    def _write_release_files(self, output_dir: str, **overrides) -> None:
+        """Write README.md (the model card) and ``training_args.json`` (the args as JSON, no pickle) to output_dir."""
+        repo_id = self.hub_model_id or self.args.hub_model_id
+        extra_tags = overrides.pop("tags", None) or []
+        card_kwargs = dict(
+            model_config=self.accelerator.unwrap_model(self.model).config,
+            training_args=self.args,
+            base_model=self.base_model,
+            dataset_name=self.dataset_name,
+            results=self.eval_results,
+            ood_splits=self.ood_splits,
+            repo_id=repo_id,
+            model_name=repo_id.split("/")[-1] if repo_id else Path(self.args.output_dir).resolve().name,
+            tags=[*self._tag_names, *extra_tags],
+            global_step=self.state.global_step,
+        )
+        card_kwargs.update({key: value for key, value in overrides.items() if value is not None})
+        write_model_card(output_dir, **card_kwargs)
+        (Path(output_dir) / TRAINING_ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")
