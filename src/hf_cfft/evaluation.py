@@ -32,12 +32,19 @@ def predict_logits(
     batch_size: int = 64,
     num_workers: int = 0,
     device: torch.device | str | None = None,
+    image_transform: Callable | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits [N, K] and labels [N] of ``model`` on ``dataset`` (images preprocessed by ``image_processor``)."""
+    """Logits [N, K] and labels [N] of ``model`` on ``dataset`` (images preprocessed by ``image_processor``).
+
+    ``image_transform``: applied to each PIL image before ``image_processor`` (e.g. ObjectNet's border crop).
+    """
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
     def collate(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = preprocess_images(image_processor, [row[image_column] for row in rows])
+        images = [row[image_column] for row in rows]
+        if image_transform is not None:
+            images = [image_transform(image) for image in images]
+        pixels = preprocess_images(image_processor, images)
         return pixels, torch.tensor([int(row[label_column]) for row in rows])
 
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
@@ -49,6 +56,17 @@ def predict_logits(
         labels.append(batch_labels)
     model.train(was_training)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def top1_accuracy(
+    predictions: Sequence[int] | np.ndarray,
+    references: Sequence[int] | np.ndarray,
+    metric: evaluate.EvaluationModule | None = None,
+) -> float:
+    """Top-1 accuracy in % of ``predictions`` [N] against ``references`` [N], through the bundled metric."""
+    metric = metric if metric is not None else load_accuracy()
+    score = metric.compute(predictions=np.asarray(predictions).tolist(), references=np.asarray(references).tolist())
+    return 100.0 * score["accuracy"]
 
 
 def evaluate_splits(
@@ -64,8 +82,7 @@ def evaluate_splits(
     results = {}
     for name, dataset in splits.items():
         logits, labels = predict_logits(model, dataset, image_processor, **predict_kwargs)
-        score = metric.compute(predictions=logits.argmax(axis=1).tolist(), references=labels.tolist())
-        results[name] = 100.0 * score["accuracy"]
+        results[name] = top1_accuracy(logits.argmax(axis=1), labels, metric)
     present = [name for name in ood_splits if name in results]
     if present:
         results["ood_avg"] = sum(results[name] for name in present) / len(present)
