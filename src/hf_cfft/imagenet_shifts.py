@@ -8,7 +8,8 @@ Class lists ship as data under ``hf_cfft/resources``:
 - ``imagenet_r_indices.txt``, ``imagenet_a_indices.txt``: ``<ImageNet index> <wnid>`` for the 200 classes of
   ImageNet-R and of ImageNet-A, as published with the datasets by Hendrycks et al. (github.com/hendrycks/imagenet-r
   ``eval.py``; github.com/hendrycks/natural-adv-examples ``eval.py``, ``thousand_k_to_200``) and reproduced as
-  ``CLASS_SUBLIST`` in WiSE-FT's ``src/datasets/imagenet_r.py`` and ``imagenet_a.py``.
+  ``CLASS_SUBLIST`` in WiSE-FT's ``src/datasets/imagenet_r.py`` and ``imagenet_a.py``. The files were written from
+  the copies of these lists in timm's ImageNet metadata and checked entry by entry against Hendrycks et al.'s.
 - ``objectnet_to_imagenet.json``: ObjectNet image folder -> ObjectNet class name and ImageNet indices, for the 113
   ObjectNet classes that map to ImageNet-1k. From ObjectNet's ``mappings/objectnet_to_imagenet_1k.json`` and
   ``mappings/folder_to_objectnet_label.json`` (as shipped in WiSE-FT's ``src/datasets/objectnet_metadata``), with
