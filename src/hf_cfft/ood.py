@@ -166,18 +166,7 @@ def load_eval_splits(
     dataset_name: str, splits: Sequence[str], *, dataset_config: str | None = None, world_seed: int = 0
 ) -> dict[str, Dataset]:
     """Splits of ``"world"``, a Hub dataset, or a ``<dir>/<split>/<class>/<image>`` folder with any split names."""
-    path = os.path.expanduser(dataset_name)
-    if not os.path.isdir(path):
-        return load_image_splits(dataset_name, splits, dataset_config=dataset_config, world_seed=world_seed)
-    missing = [split for split in splits if not os.path.isdir(os.path.join(path, split))]
-    if missing:
-        raise FileNotFoundError(f"split folder(s) {missing} not found in {path}; expected <dir>/<split>/<class>/")
-    from datasets import load_dataset
-
-    # The imagefolder builder renames split folders to the standard names ("test_id" would load as "test");
-    # naming each split's files keeps the user's split names, and the class labels stay shared across splits.
-    loaded = load_dataset("imagefolder", data_files={split: os.path.join(path, split, "**") for split in splits})
-    return {split: loaded[split] for split in splits}
+    return load_image_splits(dataset_name, splits, dataset_config=dataset_config, world_seed=world_seed)
 
 
 def subsample(dataset: Dataset, max_samples: int | None) -> Dataset:

@@ -37,8 +37,8 @@ def load_image_splits(
             raise ValueError(f"the world has no split(s) {unknown}; its splits are {', '.join(SPLITS)}")
         return {split: make_world_split(split, seed=world_seed) for split in splits}
     if os.path.isdir(os.path.expanduser(dataset_name)):
-        data_dir, dataset_name = os.path.expanduser(dataset_name), "imagefolder"
-    elif _looks_like_path(dataset_name):
+        return _local_image_folder(os.path.expanduser(dataset_name), splits)
+    if _looks_like_path(dataset_name):
         raise FileNotFoundError(
             f"dataset folder {dataset_name!r} does not exist; pass an existing ImageFolder directory "
             "(<dir>/<split>/<class>/<image>) or a Hub dataset id"
@@ -52,6 +52,19 @@ def load_image_splits(
         raise ValueError(
             f"split(s) {missing} not found in {dataset_name} {data_dir or ''}; available: {', '.join(loaded)}"
         )
+    return {split: loaded[split] for split in splits}
+
+
+def _local_image_folder(path: str, splits: Sequence[str]) -> dict[str, Dataset]:
+    missing = [split for split in splits if not os.path.isdir(os.path.join(path, split))]
+    if missing:
+        present = sorted(name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name)))
+        raise FileNotFoundError(
+            f"split folder(s) {missing} not found in {path} (it has {present}); expected <dir>/<split>/<class>/<image>"
+        )
+    # The imagefolder builder renames split folders to its standard names ("test_id" would load as "test"); naming
+    # each split's files keeps the user's split names, and the class labels stay shared across splits.
+    loaded = load_dataset("imagefolder", data_files={split: os.path.join(path, split, "**") for split in splits})
     return {split: loaded[split] for split in splits}
 
 
