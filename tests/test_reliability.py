@@ -287,3 +287,17 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(workspace, t
     assert checkpoint_problems(str(tmp_path / "run" / "checkpoint-2")) == []
     state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+
+
+def test_image_broken_past_its_header_is_named_when_decoded(tmp_path):
+    """A truncated body passes the quick 'verify' scan but fails at decode time: the message names the file."""
+    import numpy as np
+    from PIL import Image
+
+    from hf_cfft.data import load_image
+
+    path = tmp_path / "cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:600])
+    with pytest.raises(ValueError, match=r"cannot read image .*cut\.jpg.*--skip_corrupt_images"):
+        load_image({"path": str(path), "bytes": None})
