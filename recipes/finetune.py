@@ -20,6 +20,7 @@ import yaml
 from transformers import AutoImageProcessor, HfArgumentParser
 
 from hf_cfft import CfftConfig, CfftTrainer, CounterfactualTransform, load_class_names, load_classifier, load_templates
+from hf_cfft.callbacks import CounterfactualImagesCallback
 from hf_cfft.checkpoints import resolve_resume_checkpoint
 from hf_cfft.data import precompute_cams
 from hf_cfft.evaluation import evaluate_splits, results_table
@@ -167,6 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     trainer.base_model, trainer.dataset_name = model_args.model_name_or_path, data_args.dataset_name
     trainer.ood_splits = data_args.ood_splits
+    if "tensorboard" in args.report_to:  # pictures of the counterfactuals the student's CAM picks
+        CounterfactualImagesCallback.from_dataset(
+            train, image_processor, every_n_steps=max(1, int(args.logging_steps) * 10), **columns
+        ).attach(trainer)
 
     if args.needs_teacher_cams:
         with args.main_process_first(desc="teacher CAMs"):
@@ -194,7 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict[str, float]] = {}
     evaluate_kwargs = dict(ood_splits=data_args.ood_splits, batch_size=args.per_device_eval_batch_size, **columns)
     if data_args.evaluate_zero_shot and splits and trainer.teacher is not None and args.process_index == 0:
-        results["zero-shot"] = evaluate_splits(trainer.teacher, splits, image_processor, **evaluate_kwargs)
+        # The teacher is the zero-shot starting point unless another teacher (e.g. a WiSE-FT model) was given.
+        start = "teacher" if model_args.teacher_name_or_path else "zero-shot"
+        results[start] = evaluate_splits(trainer.teacher, splits, image_processor, **evaluate_kwargs)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
     if splits and trainer.is_world_process_zero():

@@ -1,0 +1,82 @@
+"""Uniform model soup: average the weights of several fine-tuned classifiers; save and/or evaluate the soup.
+
+    python recipes/soup.py --models outputs/world_vanilla_ft_seed0 outputs/world_vanilla_ft_seed1 \
+        outputs/world_vanilla_ft_seed2 --output_dir outputs/world_soup --save_model \
+        --config recipes/configs/world.yaml                       # its dataset, eval and OOD splits
+
+The ingredients must be fine-tunings of the same CLIP with the same classes (e.g. different seeds or learning
+rates). --save_model writes the soup (safetensors + the first model's image processor) to --output_dir; with
+--eval_splits every ingredient and the soup are evaluated into <output_dir>/results.json and results.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoImageProcessor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling recipes own the shared flags and helpers
+from finetune import DataArguments  # noqa: E402
+from wise_ft import (  # noqa: E402
+    check_dataset_classes,
+    evaluate_kwargs,
+    load_eval_splits,
+    parse_with_config,
+    resolve_device,
+    write_results,
+)
+
+from hf_cfft import load_classifier  # noqa: E402
+from hf_cfft.evaluation import evaluate_splits  # noqa: E402
+from hf_cfft.soup import uniform_soup  # noqa: E402
+from hf_cfft.wise_ft import class_names  # noqa: E402
+
+SOUP_ROW = "uniform soup"
+
+
+@dataclass
+class SoupArguments:
+    models: list[str] = field(default_factory=list, metadata={"help": "Saved fine-tuned classifier folders."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where results (and the soup) are written."})
+    save_model: bool = field(default=False, metadata={"help": "Save the soup to --output_dir."})
+    evaluate_ingredients: bool = field(default=True, metadata={"help": "Also evaluate every ingredient."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
+    seed: int = field(default=0, metadata={"help": "Seed of the embedded world's splits (as in finetune)."})
+    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; default: cuda when available."})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, data_args = parse_with_config((SoupArguments, DataArguments), sys.argv[1:] if argv is None else argv)
+    if not args.models or args.output_dir is None:
+        raise ValueError("--models (one or more classifier folders) and --output_dir are required")
+    if not args.save_model and not data_args.eval_splits:
+        raise ValueError("nothing to do: pass --save_model, --eval_splits, or both")
+    device = resolve_device(args.device)
+    # Ingredients stay on the CPU: N models on the accelerator at once is what a soup of large models cannot afford.
+    ingredients = [load_classifier(path).eval() for path in args.models]
+    soup = uniform_soup(ingredients, names=args.models)
+    image_processor = AutoImageProcessor.from_pretrained(args.models[0])
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.save_model:
+        soup.save_pretrained(args.output_dir)
+        image_processor.save_pretrained(args.output_dir)
+
+    splits = load_eval_splits(data_args, args.seed)
+    results: dict[str, dict[str, float]] = {}
+    if splits:
+        check_dataset_classes(splits, class_names(soup), data_args.label_column, args.models[0])
+        kwargs = evaluate_kwargs(data_args, args.per_device_eval_batch_size, device)
+        if args.evaluate_ingredients:
+            for path, model in zip(args.models, ingredients):
+                results[path] = evaluate_splits(model.to(device), splits, image_processor, **kwargs)
+                model.cpu()
+        results[SOUP_ROW] = evaluate_splits(soup.to(device), splits, image_processor, **kwargs)
+        print("\nUniform soup, top-1 accuracy (%)\n" + write_results(results, args.output_dir, data_args))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Build the zero-shot classifier of a CLIP checkpoint (head = class-name prompts), save it, optionally evaluate it.
+
+    python recipes/zero_shot.py --output_dir outputs/world_zero_shot --config recipes/configs/world.yaml
+    python recipes/zero_shot.py --model_name_or_path openai/clip-vit-base-patch32 --class_names imagenet \
+        --templates openai_imagenet --output_dir outputs/imagenet_zero_shot
+
+The folder holds safetensors weights and the checkpoint's image processor, so it loads with
+``AutoModelForImageClassification.from_pretrained`` and serves as the alpha = 0 end of recipes/wise_ft.py. Class
+names come from --class_names or the dataset's ClassLabel (first eval split, else the train split).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoImageProcessor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling recipes own the shared flags and helpers
+from finetune import DataArguments, _lines, _templates  # noqa: E402
+from wise_ft import (  # noqa: E402
+    evaluate_kwargs,
+    load_eval_splits,
+    parse_with_config,
+    resolve_device,
+    write_results,
+)
+
+from hf_cfft import load_class_names, load_classifier  # noqa: E402
+from hf_cfft.evaluation import evaluate_splits  # noqa: E402
+from hf_cfft.sources import WORLD, class_names_of, load_image_splits  # noqa: E402
+
+ZERO_SHOT_ROW = "zero-shot"
+
+
+@dataclass
+class ZeroShotArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "CLIP checkpoint (Hub id or folder). Default on the world: its tiny CLIP."}
+    )
+    class_names: str | None = field(
+        default=None,
+        metadata={"help": "'imagenet', a text file with one class name per line, or empty: the dataset's ClassLabel."},
+    )
+    templates: str | None = field(
+        default=None,
+        metadata={"help": "'openai_imagenet', 'simple', 'world' or a text file. Default: 'world' on the world."},
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Where the classifier (and results) go."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
+    seed: int = field(default=0, metadata={"help": "Seed of the embedded world's splits (as in finetune)."})
+    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; default: cuda when available."})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, data_args = parse_with_config((ZeroShotArguments, DataArguments), sys.argv[1:] if argv is None else argv)
+    if args.output_dir is None:
+        raise ValueError("--output_dir is required")
+    on_world = data_args.dataset_name == WORLD
+    if args.model_name_or_path is None:
+        if not on_world:
+            raise ValueError("--model_name_or_path is required outside the embedded world")
+        from hf_cfft.world import world_clip_path
+
+        args.model_name_or_path = str(world_clip_path())
+    splits = load_eval_splits(data_args, args.seed)
+    if args.class_names:
+        names = _lines(args.class_names, load_class_names)
+    else:
+        source = next(iter(splits.values()), None)
+        if source is None:
+            source = load_image_splits(
+                data_args.dataset_name, [data_args.train_split], dataset_config=data_args.dataset_config,
+                data_dir=data_args.data_dir, world_seed=args.seed,
+            )[data_args.train_split]  # fmt: skip
+        names = class_names_of(source, data_args.label_column)
+
+    templates = _templates(args.templates or (WORLD if on_world else "simple"))
+    model = load_classifier(args.model_name_or_path, class_names=names, templates=templates).eval()
+    image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+    model.save_pretrained(args.output_dir)
+    image_processor.save_pretrained(args.output_dir)
+    print(f"Saved the zero-shot classifier ({len(names)} classes, {len(templates)} templates) to {args.output_dir}")
+
+    results: dict[str, dict[str, float]] = {}
+    if splits:
+        device = resolve_device(args.device)
+        kwargs = evaluate_kwargs(data_args, args.per_device_eval_batch_size, device)
+        results[ZERO_SHOT_ROW] = evaluate_splits(model.to(device), splits, image_processor, **kwargs)
+        print("\nZero-shot, top-1 accuracy (%)\n" + write_results(results, args.output_dir, data_args))
+    return results
+
+
+if __name__ == "__main__":
+    main()
