@@ -80,13 +80,6 @@ class EvalArguments:
     output_dir: str = field(default="outputs/ood_eval", metadata={"help": "Where the results are written."})
 
 
-def _lines(name_or_file: str, loader) -> list[str]:
-    if os.path.isfile(name_or_file):
-        with open(name_or_file) as f:
-            return [line.strip() for line in f if line.strip()]
-    return loader(name_or_file)
-
-
 def build_sets(args: EvalArguments):
     """-> (eval sets, ID name, OOD names, class names, default templates, benchmark label)."""
     if args.benchmark is not None:
@@ -104,7 +97,7 @@ def build_sets(args: EvalArguments):
             print(f"not scored (no source found): {', '.join(SHIFTS[k].title for k in missing)}")
         sets = imagenet_eval_sets(sources, allow_partial=args.allow_partial, label_kind=args.label_kind)
         id_name = ID_SHIFT if ID_SHIFT in sources else None
-        names = _lines(args.class_names or "imagenet", load_class_names)
+        names = load_class_names(args.class_names or "imagenet")
         return sets, id_name, [s.name for s in sets if s.name != ID_SHIFT], names, "openai_imagenet", "ImageNet"
 
     dataset_name = args.dataset_name or WORLD
@@ -120,21 +113,11 @@ def build_sets(args: EvalArguments):
         dataset_name, [id_split, *ood_splits], dataset_config=args.dataset_config, world_seed=args.world_seed
     )
     names = (
-        _lines(args.class_names, load_class_names)
-        if args.class_names
-        else class_names_of(splits[id_split], args.label_column)
+        load_class_names(args.class_names) if args.class_names else class_names_of(splits[id_split], args.label_column)
     )
     sets = dataset_eval_sets(splits, image_column=args.image_column, label_column=args.label_column)
     templates = WORLD if dataset_name == WORLD else "simple"
     return sets, id_split, list(ood_splits), names, templates, os.path.basename(os.path.normpath(dataset_name))
-
-
-def _templates(name: str) -> list[str]:
-    if name == WORLD:
-        from hf_cfft.world import WORLD_TEMPLATES
-
-        return list(WORLD_TEMPLATES)
-    return _lines(name, load_templates)
 
 
 def _run_names(paths: list[str], given: list[str]) -> list[str]:
@@ -160,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     for s in sets:
         s.dataset = subsample(s.dataset, args.max_eval_samples)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    templates = _templates(args.templates or default_templates)
+    templates = load_templates(args.templates or default_templates)
 
     runs = []
     for name, path in zip(_run_names(args.model_name_or_path, args.run_names), args.model_name_or_path):

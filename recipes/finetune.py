@@ -9,23 +9,21 @@ Every CfftConfig / TrainingArguments field is a flag; see `--help`.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-from transformers import AutoImageProcessor, HfArgumentParser
+from transformers import AutoImageProcessor
 
 from hf_cfft import CfftConfig, CfftTrainer, CounterfactualTransform, load_class_names, load_classifier, load_templates
 from hf_cfft.callbacks import CounterfactualImagesCallback
 from hf_cfft.checkpoints import resolve_resume_checkpoint
 from hf_cfft.data import precompute_cams
-from hf_cfft.evaluation import evaluate_splits, results_table
+from hf_cfft.evaluation import evaluate_splits
 from hf_cfft.image_checks import drop_unreadable_images, undecoded
-from hf_cfft.sources import WORLD, class_names_of, load_image_splits
+from hf_cfft.script_args import DataArguments, default_model, parse_with_config, write_results
+from hf_cfft.sources import class_names_of, load_image_splits
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "world.yaml"
 
@@ -56,74 +54,14 @@ class ModelArguments:
     )
 
 
-@dataclass
-class DataArguments:
-    dataset_name: str = field(
-        default=WORLD, metadata={"help": "'world', an ImageFolder directory, 'imagefolder' + data_dir, or a Hub id."}
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    data_dir: str | None = field(default=None, metadata={"help": "data_dir passed to datasets.load_dataset."})
-    train_split: str = field(default="train", metadata={"help": "Split to fine-tune on."})
-    eval_splits: list[str] = field(default_factory=list, metadata={"help": "Splits to evaluate (ID first)."})
-    ood_splits: list[str] = field(default_factory=list, metadata={"help": "Which eval splits are OOD (averaged)."})
-    image_column: str = field(default="image", metadata={"help": "Image column name."})
-    label_column: str = field(default="label", metadata={"help": "Label column name."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the train split (debugging)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate each eval split."})
-    evaluate_zero_shot: bool = field(default=True, metadata={"help": "Also evaluate the model before fine-tuning."})
-    image_check: str = field(
-        default="verify",
-        metadata={
-            "help": "Check train images before training: 'verify' (file structure), 'decode' (every pixel), 'none'."
-        },
-    )
-    skip_corrupt_images: bool = field(
-        default=False, metadata={"help": "Drop unreadable train images (and report how many) instead of failing."}
-    )
-
-
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, CfftConfig]:
-    """CLI flags over a YAML file (--config, default: the embedded-world config when no flag is given)."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, CfftConfig))
-    config_file = None
-    if "--config" in argv:
-        at = argv.index("--config")
-        config_file, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
-    elif not argv:
-        config_file = str(DEFAULT_CONFIG)
-    if config_file is not None:
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"config file {config_file!r} does not exist")
-        with open(config_file) as f:
-            parser.set_defaults(**(yaml.safe_load(f) or {}))
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-
-
-def _lines(name_or_file: str, loader) -> list[str]:
-    if os.path.isfile(name_or_file):
-        with open(name_or_file) as f:
-            return [line.strip() for line in f if line.strip()]
-    return loader(name_or_file)
-
-
-def _templates(name: str) -> list[str]:
-    if name == WORLD:
-        from hf_cfft.world import WORLD_TEMPLATES
-
-        return list(WORLD_TEMPLATES)
-    return _lines(name, load_templates)
+    """CLI flags over a YAML file (--config; with no flags at all, the embedded-world config)."""
+    return parse_with_config((ModelArguments, DataArguments, CfftConfig), argv, default_config=str(DEFAULT_CONFIG))
 
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
-    if model_args.model_name_or_path is None and data_args.dataset_name == WORLD:
-        from hf_cfft.world import world_clip_path
-
-        model_args.model_name_or_path = str(world_clip_path())
-    if model_args.model_name_or_path is None:
-        raise ValueError(
-            "--model_name_or_path is required outside the embedded world (e.g. openai/clip-vit-base-patch32)"
-        )
+    model_args.model_name_or_path = default_model(model_args.model_name_or_path, data_args.dataset_name)
 
     splits = load_image_splits(
         data_args.dataset_name,
@@ -138,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.max_eval_samples:
         splits = {k: v.select(range(min(data_args.max_eval_samples, len(v)))) for k, v in splits.items()}
     class_names = (
-        _lines(model_args.class_names, load_class_names)
+        load_class_names(model_args.class_names)
         if model_args.class_names
         else class_names_of(train, data_args.label_column)
     )
@@ -146,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_classifier(
         model_args.model_name_or_path,
         class_names=class_names,
-        templates=_templates(model_args.templates),
+        templates=load_templates(model_args.templates),
         show_progress=args.process_index == 0,
     )
     image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
@@ -206,13 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.log_metrics("train", train_result.metrics)
     if splits and trainer.is_world_process_zero():
         results["fine-tuned"] = evaluate_splits(trainer.model, splits, image_processor, **evaluate_kwargs)
-        table = results_table(results, [*data_args.eval_splits] + (["ood_avg"] if data_args.ood_splits else []))
-        print("\nTop-1 accuracy (%)\n" + table)
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        with open(os.path.join(args.output_dir, "eval_results.md"), "w") as f:
-            f.write(table + "\n")
+        print("\nTop-1 accuracy (%)\n" + write_results(results, args.output_dir, data_args, stem="eval_results"))
         trainer.eval_results = results
     # After evaluation, so the model card (and a --push_to_hub upload) carries the results table.
     trainer.save_model(args.output_dir)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import AutoImageProcessor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling recipes own the shared flags and helpers
-from finetune import DataArguments  # noqa: E402
-from wise_ft import (  # noqa: E402
+from hf_cfft import load_classifier
+from hf_cfft.evaluation import evaluate_splits
+from hf_cfft.script_args import (
+    SHARED_CONFIG_KEYS,
+    DataArguments,
     check_dataset_classes,
     evaluate_kwargs,
     load_eval_splits,
@@ -28,11 +29,8 @@ from wise_ft import (  # noqa: E402
     resolve_device,
     write_results,
 )
-
-from hf_cfft import load_classifier  # noqa: E402
-from hf_cfft.evaluation import evaluate_splits  # noqa: E402
-from hf_cfft.soup import uniform_soup  # noqa: E402
-from hf_cfft.wise_ft import class_names  # noqa: E402
+from hf_cfft.soup import uniform_soup
+from hf_cfft.wise_ft import class_names
 
 SOUP_ROW = "uniform soup"
 
@@ -49,7 +47,9 @@ class SoupArguments:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, data_args = parse_with_config((SoupArguments, DataArguments), sys.argv[1:] if argv is None else argv)
+    args, data_args = parse_with_config(
+        (SoupArguments, DataArguments), sys.argv[1:] if argv is None else argv, config_keys=SHARED_CONFIG_KEYS
+    )
     if not args.models or args.output_dir is None:
         raise ValueError("--models (one or more classifier folders) and --output_dir are required")
     if not args.save_model and not data_args.eval_splits:

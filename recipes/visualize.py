@@ -15,20 +15,16 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from transformers import AutoImageProcessor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling recipes own the shared flags and helpers
-from finetune import DataArguments, _lines, _templates  # noqa: E402
-from wise_ft import parse_with_config, resolve_device  # noqa: E402
-
-from hf_cfft import load_class_names, load_classifier, preprocess_images  # noqa: E402
-from hf_cfft.build import is_cfft_checkpoint  # noqa: E402
-from hf_cfft.masking import FILL_KINDS  # noqa: E402
-from hf_cfft.sources import WORLD, class_names_of, load_image_splits  # noqa: E402
-from hf_cfft.visualize import VIS_MASK_KINDS, model_counterfactual_grid  # noqa: E402
+from hf_cfft import load_class_names, load_classifier, load_templates, preprocess_images
+from hf_cfft.build import is_cfft_checkpoint
+from hf_cfft.masking import FILL_KINDS
+from hf_cfft.script_args import SHARED_CONFIG_KEYS, DataArguments, parse_with_config, resolve_device
+from hf_cfft.sources import WORLD, class_names_of, load_image_splits
+from hf_cfft.visualize import VIS_MASK_KINDS, model_counterfactual_grid
 
 # What a finetune YAML may lend besides the dataset keys: the picture should show the masks that run would use.
 _METHOD_KEYS = {"mask_threshold", "mask_ratio", "cam_method"}
@@ -60,7 +56,9 @@ class VisualizeArguments:
 
 def main(argv: list[str] | None = None) -> str:
     args, data_args = parse_with_config(
-        (VisualizeArguments, DataArguments), sys.argv[1:] if argv is None else argv, extra_keys=_METHOD_KEYS
+        (VisualizeArguments, DataArguments),
+        sys.argv[1:] if argv is None else argv,
+        config_keys=SHARED_CONFIG_KEYS | _METHOD_KEYS,
     )
     if args.num_images < 1:
         raise ValueError(f"--num_images={args.num_images} must be >= 1")
@@ -81,11 +79,9 @@ def main(argv: list[str] | None = None) -> str:
         model = load_classifier(args.model_name_or_path)
     else:
         names = (
-            _lines(args.class_names, load_class_names)
-            if args.class_names
-            else class_names_of(dataset, data_args.label_column)
+            load_class_names(args.class_names) if args.class_names else class_names_of(dataset, data_args.label_column)
         )
-        templates = _templates(args.templates or (WORLD if on_world else "simple"))
+        templates = load_templates(args.templates or (WORLD if on_world else "simple"))
         model = load_classifier(args.model_name_or_path, class_names=names, templates=templates, show_progress=False)
     model = model.to(resolve_device(args.device)).eval()
     image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)

@@ -14,34 +14,28 @@ The dataset flags are recipes/finetune.py's; --config reads them (and templates,
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import torch
-import yaml
-from transformers import AutoImageProcessor, HfArgumentParser
+from transformers import AutoImageProcessor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling recipe owns the shared dataset flags
-from finetune import DataArguments, _templates  # noqa: E402
-
-from hf_cfft import load_classifier  # noqa: E402
-from hf_cfft.evaluation import evaluate_splits, results_table  # noqa: E402
-from hf_cfft.sources import WORLD, class_names_of, load_image_splits  # noqa: E402
-from hf_cfft.wise_ft import class_names, wise_ft  # noqa: E402
+from hf_cfft import load_classifier, load_templates
+from hf_cfft.evaluation import evaluate_splits
+from hf_cfft.script_args import (
+    SHARED_CONFIG_KEYS,
+    DataArguments,
+    check_dataset_classes,
+    evaluate_kwargs,
+    load_eval_splits,
+    parse_with_config,
+    resolve_device,
+    write_results,
+)
+from hf_cfft.sources import WORLD
+from hf_cfft.wise_ft import class_names, wise_ft
 
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
-# Keys a finetune YAML may lend to these recipes (when they have such a flag); its output_dir and training knobs are
-# ignored on purpose, so --config never sends results into the fine-tuning run's folder.
-_SHARED_KEYS = {f.name for f in fields(DataArguments)} | {
-    "model_name_or_path",
-    "class_names",
-    "templates",
-    "seed",
-    "per_device_eval_batch_size",
-}
 
 
 @dataclass
@@ -72,96 +66,15 @@ class WiseFtArguments:
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; default: cuda when available."})
 
 
-def parse_with_config(
-    dataclass_types: tuple, argv: list[str], extra_keys: frozenset[str] | set[str] = frozenset()
-) -> tuple:
-    """CLI flags over the shared keys (dataset, splits, model, templates, seed, ``extra_keys``) of a finetune YAML."""
-    parser = HfArgumentParser(dataclass_types)
-    if "--config" in argv:
-        at = argv.index("--config")
-        config_file, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"config file {config_file!r} does not exist")
-        with open(config_file) as f:
-            config = yaml.safe_load(f) or {}
-        known = {f.name for cls in dataclass_types for f in fields(cls)}
-        parser.set_defaults(**{k: v for k, v in config.items() if k in _SHARED_KEYS | extra_keys and k in known})
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-
-
-def load_eval_splits(data_args: DataArguments, seed: int) -> dict:
-    """The --eval_splits as datasets (empty dict when none), truncated to --max_eval_samples."""
-    if not data_args.eval_splits:
-        return {}
-    splits = load_image_splits(
-        data_args.dataset_name,
-        data_args.eval_splits,
-        dataset_config=data_args.dataset_config,
-        data_dir=data_args.data_dir,
-        world_seed=seed,
-    )
-    if data_args.max_eval_samples:
-        splits = {k: v.select(range(min(data_args.max_eval_samples, len(v)))) for k, v in splits.items()}
-    return splits
-
-
-def check_dataset_classes(splits: dict, names: list[str], label_column: str, model_name: str) -> None:
-    """Refuse a dataset whose ClassLabel has another number of classes than the model; warn when the names differ.
-
-    Names may legitimately differ in spelling only (imagenet-1k's "tench, Tinca tinca" vs CLIP's "tench"), so a
-    name mismatch is reported rather than refused.
-    """
-    for split, dataset in splits.items():
-        try:
-            dataset_names = class_names_of(dataset, label_column)
-        except ValueError:
-            continue  # integer labels: nothing to compare; the user vouches for the order
-        if len(dataset_names) != len(names):
-            raise ValueError(
-                f"split {split!r} has {len(dataset_names)} classes ({', '.join(dataset_names[:5])}, ...) but "
-                f"{model_name} classifies {len(names)} ({', '.join(names[:5])}, ...); evaluate on the dataset the "
-                "models were built for"
-            )
-        if dataset_names != names:
-            differ = [(a, b) for a, b in zip(dataset_names, names) if a != b]
-            print(
-                f"Warning: {len(differ)} class names of split {split!r} differ from {model_name}'s, e.g. "
-                f"{differ[0][0]!r} vs {differ[0][1]!r}; scores assume the same class order"
-            )
-
-
-def write_results(results: dict, output_dir: str, data_args: DataArguments) -> str:
-    """results.json and results.md in ``output_dir``; returns the markdown table."""
-    columns = [*data_args.eval_splits] + (["ood_avg"] if data_args.ood_splits else [])
-    table = results_table(results, columns)
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write("Top-1 accuracy (%)\n\n" + table + "\n")
-    return table
-
-
-def evaluate_kwargs(data_args: DataArguments, batch_size: int, device: torch.device) -> dict:
-    return dict(
-        ood_splits=data_args.ood_splits,
-        batch_size=batch_size,
-        image_column=data_args.image_column,
-        label_column=data_args.label_column,
-        device=device,
-    )
-
-
-def resolve_device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def alpha_dirname(alpha: float) -> str:
     """'alpha_0.50' for 0.5: the folder (and results row) of one interpolation."""
     return f"alpha_{alpha:.2f}"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, data_args = parse_with_config((WiseFtArguments, DataArguments), sys.argv[1:] if argv is None else argv)
+    args, data_args = parse_with_config(
+        (WiseFtArguments, DataArguments), sys.argv[1:] if argv is None else argv, config_keys=SHARED_CONFIG_KEYS
+    )
     if args.fine_tuned_model is None or args.output_dir is None:
         raise ValueError("--fine_tuned_model and --output_dir are required")
     if not args.save_models and not data_args.eval_splits:
@@ -180,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     fine_tuned = load_classifier(args.fine_tuned_model).to(device).eval()
     names = class_names(fine_tuned)
     zero_shot = load_classifier(
-        zero_shot_path, class_names=names, templates=_templates(templates), show_progress=False
+        zero_shot_path, class_names=names, templates=load_templates(templates), show_progress=False
     )
     zero_shot = zero_shot.to(device).eval()
     image_processor = AutoImageProcessor.from_pretrained(args.fine_tuned_model)

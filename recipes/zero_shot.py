@@ -13,23 +13,21 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import AutoImageProcessor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling recipes own the shared flags and helpers
-from finetune import DataArguments, _lines, _templates  # noqa: E402
-from wise_ft import (  # noqa: E402
+from hf_cfft import load_class_names, load_classifier, load_templates
+from hf_cfft.evaluation import evaluate_splits
+from hf_cfft.script_args import (
+    SHARED_CONFIG_KEYS,
+    DataArguments,
     evaluate_kwargs,
     load_eval_splits,
     parse_with_config,
     resolve_device,
     write_results,
 )
-
-from hf_cfft import load_class_names, load_classifier  # noqa: E402
-from hf_cfft.evaluation import evaluate_splits  # noqa: E402
-from hf_cfft.sources import WORLD, class_names_of, load_image_splits  # noqa: E402
+from hf_cfft.sources import WORLD, class_names_of, load_image_splits
 
 ZERO_SHOT_ROW = "zero-shot"
 
@@ -54,7 +52,9 @@ class ZeroShotArguments:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, data_args = parse_with_config((ZeroShotArguments, DataArguments), sys.argv[1:] if argv is None else argv)
+    args, data_args = parse_with_config(
+        (ZeroShotArguments, DataArguments), sys.argv[1:] if argv is None else argv, config_keys=SHARED_CONFIG_KEYS
+    )
     if args.output_dir is None:
         raise ValueError("--output_dir is required")
     on_world = data_args.dataset_name == WORLD
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.model_name_or_path = str(world_clip_path())
     splits = load_eval_splits(data_args, args.seed)
     if args.class_names:
-        names = _lines(args.class_names, load_class_names)
+        names = load_class_names(args.class_names)
     else:
         source = next(iter(splits.values()), None)
         if source is None:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             )[data_args.train_split]  # fmt: skip
         names = class_names_of(source, data_args.label_column)
 
-    templates = _templates(args.templates or (WORLD if on_world else "simple"))
+    templates = load_templates(args.templates or (WORLD if on_world else "simple"))
     model = load_classifier(args.model_name_or_path, class_names=names, templates=templates).eval()
     image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
     model.save_pretrained(args.output_dir)

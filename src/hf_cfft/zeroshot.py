@@ -13,6 +13,7 @@ Templates are ``str`` with a ``{}`` placeholder that is replaced by the class na
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -29,29 +30,38 @@ _CLASS_FILES = {"imagenet": "imagenet_classes.txt"}
 _TEMPLATE_FILES = {"openai_imagenet": "imagenet_templates.txt", "simple": "simple_templates.txt"}
 
 
-def _read_resource_lines(kind: str, name: str, files: dict[str, str]) -> list[str]:
+def _read_lines(kind: str, name: str, files: dict[str, str]) -> list[str]:
+    if os.path.isfile(name):
+        with open(name, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
     if name not in files:
-        raise ValueError(f"unknown {kind} {name!r}; valid values are: {', '.join(sorted(files))}")
+        raise ValueError(
+            f"unknown {kind} {name!r}: not a file and not one of the bundled sets ({', '.join(sorted(files))})"
+        )
     text = resources.files("hf_cfft").joinpath("resources", files[name]).read_text(encoding="utf-8")
     return [line for line in text.splitlines() if line.strip()]
 
 
 def load_class_names(name: str) -> list[str]:
-    """Return the class names of a bundled label set.
+    """Class names of a bundled label set or of a text file with one name per line.
 
-    ``name``: ``"imagenet"`` -> 1000 names, index ``i`` is the name of ImageNet class ``i``.
-    Raises ValueError for any other name.
+    ``name``: ``"imagenet"`` -> 1000 names, index ``i`` is the name of ImageNet class ``i``; or a file path.
+    Raises ValueError for anything else.
     """
-    return _read_resource_lines("class-name set", name, _CLASS_FILES)
+    return _read_lines("class-name set", name, _CLASS_FILES)
 
 
 def load_templates(name: str) -> list[str]:
-    """Return a bundled set of prompt templates, each containing one ``{}`` placeholder.
+    """Prompt templates, each with one ``{}`` placeholder: a bundled set or a text file with one per line.
 
-    ``name``: ``"openai_imagenet"`` -> 80 templates, ``"simple"`` -> 6 generic templates.
-    Raises ValueError for any other name.
+    ``name``: ``"openai_imagenet"`` -> 80 templates, ``"simple"`` -> 6 generic templates, ``"world"`` -> the
+    embedded world's prompts (`hf_cfft.world.WORLD_TEMPLATES`); or a file path. Raises ValueError for anything else.
     """
-    return _read_resource_lines("template set", name, _TEMPLATE_FILES)
+    if name == "world":
+        from .world import WORLD_TEMPLATES
+
+        return list(WORLD_TEMPLATES)
+    return _read_lines("template set", name, {**_TEMPLATE_FILES, "world": ""})
 
 
 def _text_features(clip_model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
