@@ -96,15 +96,17 @@ def test_missing_dataset_folder_is_named(workspace, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="two CPU processes via accelerate launch")
-def test_accelerate_launch_two_processes(workspace, tmp_path):
+@pytest.mark.parametrize("cam_source", ["teacher", "student"])
+def test_accelerate_launch_two_processes(workspace, tmp_path, cam_source):
     # accelerate 1.x's `--cpu` starts ONE process (several CPU processes need mpirun); `--multi_gpu` + `--use_cpu`
     # starts two gloo processes through torchrun.
     clip, images = workspace
     out = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "finetune.py"),
-        *_args(clip, images, out), "--evaluate_zero_shot", "false",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "recipes" / "finetune.py"),
+        *_args(clip, images, out), "--evaluate_zero_shot", "false", "--cam_source", cam_source,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)

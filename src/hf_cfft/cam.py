@@ -35,11 +35,14 @@ def attention_rollout(attentions: Sequence[torch.Tensor], grads: Sequence[torch.
     if len(attentions) == 0 or len(attentions) != len(grads):
         raise ValueError(f"need one gradient per attention map, got {len(attentions)} maps and {len(grads)} grads")
     batch, _, tokens, _ = attentions[0].shape
-    relevance = torch.eye(tokens, device=attentions[0].device, dtype=torch.float32).expand(batch, tokens, tokens)
-    for attn, grad in zip(attentions, grads):
+    # R = (I + W_L) ... (I + W_1) and only its CLS row is read, so the row vector e_CLS^T is pushed through the
+    # blocks from the last one down: O(T^2) per block instead of the O(T^3) of forming R (the same product).
+    row = torch.zeros(batch, 1, tokens, device=attentions[0].device, dtype=torch.float32)
+    row[:, 0, 0] = 1.0
+    for attn, grad in reversed(list(zip(attentions, grads))):
         weighted = (grad.float() * attn.float()).clamp(min=0).mean(dim=1)  # [B, T, T]
-        relevance = relevance + torch.bmm(weighted, relevance)
-    return relevance[:, 0, 1:]
+        row = row + torch.bmm(row, weighted)
+    return row[:, 0, 1:]
 
 
 def grad_cam(tokens: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -94,3 +97,109 @@ def compute_cam(model: torch.nn.Module, pixel_values: torch.Tensor, labels: torc
         model.train(was_training)
     h, w = model.patch_grid
     return normalize_cam(cam.detach().view(-1, h, w))
+
+
+def _split_heads(tokens: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, D] -> [B, heads, T, D / heads], as CLIP's attention splits its projections."""
+    batch, length, _ = tokens.shape
+    return tokens.view(batch, length, heads, -1).transpose(1, 2)
+
+
+class CamRecorder:
+    """The CAM of a forward that already ran, read off its autograd graph: no second, eager forward.
+
+    Inside the ``with`` block, hooks keep what the CAM needs from the forward of ``model`` (a
+    `ClipCfftForImageClassification`) on any attention kernel (sdpa, flash): for ``rollout`` each block's queries,
+    keys, values and attention output ``O`` (the input of ``out_proj``); for ``gradcam`` the tokens entering the last
+    block. Fused kernels never materialise the attention probabilities, so ``cam`` recomputes them,
+    ``P = softmax(q k^T * scale)``, and gets their gradient from the output's, ``dS/dP = dS/dO @ v^T`` per head (as
+    ``O = P v``): the quantities `compute_cam` takes from the eager path, so the maps agree to float rounding.
+
+        with CamRecorder(model) as recorder:
+            outputs = model(pixel_values=pixel_values)      # the training forward, sdpa
+        cam = recorder.cam(outputs.logits, labels)          # [B, h, w]; the graph is kept for loss.backward()
+
+    The forward must match `compute_cam`'s eval-mode pass: no attention dropout, no gradient checkpointing.
+    """
+
+    def __init__(self, model: torch.nn.Module, method: str = "rollout"):
+        if method not in CAM_METHODS:
+            raise ValueError(f"cam_method={method!r} is not one of {CAM_METHODS}")
+        self.model, self.method = model, method
+        self._handles: list = []
+        self._blocks: list[dict[str, torch.Tensor]] = []
+        self._tokens: torch.Tensor | None = None
+
+    def __enter__(self) -> CamRecorder:
+        layers = self.model.vision_model.encoder.layers
+        self._blocks, self._tokens = [], None
+        if self.method == "rollout":
+            for layer in layers:
+                block: dict[str, torch.Tensor] = {}
+                self._blocks.append(block)
+                attention = layer.self_attn
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    self._handles.append(getattr(attention, name).register_forward_hook(_keep_output(block, name)))
+                self._handles.append(attention.out_proj.register_forward_pre_hook(_keep_input(block, "out")))
+        else:
+            self._handles.append(layers[-1].register_forward_pre_hook(self._keep_tokens, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _keep_tokens(self, module, args, kwargs) -> None:
+        self._tokens = args[0] if args else kwargs["hidden_states"]
+
+    def cam(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """CAM of class ``labels`` [B] for the recorded forward whose ``logits`` [B, K] are given -> [B, h, w].
+
+        Max-normalised like `compute_cam`. Takes gradients of the true-class logits with respect to recorded
+        activations only (``retain_graph=True``): no parameter gradient is accumulated and the graph stays usable.
+        """
+        if self._handles:
+            raise RuntimeError("CamRecorder.cam() must be called after the with block that recorded the forward")
+        score = logits.gather(1, labels.view(-1, 1).to(logits.device)).sum()
+        if self.method == "rollout":
+            if not self._blocks or any(len(block) != 4 for block in self._blocks):
+                raise RuntimeError("no forward of the model was recorded inside the with block")
+            grads = torch.autograd.grad(score, [block["out"] for block in self._blocks], retain_graph=True)
+            attentions, attention_grads = [], []
+            with torch.no_grad():
+                for layer, block, grad in zip(self.model.vision_model.encoder.layers, self._blocks, grads):
+                    heads, scale = layer.self_attn.num_heads, layer.self_attn.scale
+                    query, key, value = (
+                        _split_heads(block[name].detach(), heads) for name in ("q_proj", "k_proj", "v_proj")
+                    )
+                    # As CLIP's eager attention: scaled logits, softmax in float32, back to the activations' dtype.
+                    probs = torch.softmax(
+                        torch.matmul(query, key.transpose(-1, -2)) * scale, dim=-1, dtype=torch.float32
+                    ).to(query.dtype)
+                    attentions.append(probs)
+                    attention_grads.append(torch.matmul(_split_heads(grad, heads), value.transpose(-1, -2)))
+                cam = attention_rollout(attentions, attention_grads)
+        else:
+            if self._tokens is None:
+                raise RuntimeError("no forward of the model was recorded inside the with block")
+            (grads,) = torch.autograd.grad(score, self._tokens, retain_graph=True)
+            cam = grad_cam(self._tokens.detach(), grads)
+        # Drop the references so the recorded activations are freed with the graph.
+        self._blocks, self._tokens = [], None
+        h, w = self.model.patch_grid
+        return normalize_cam(cam.detach().view(-1, h, w))
+
+
+def _keep_output(store: dict, name: str):
+    def hook(module, args, output):
+        store[name] = output
+
+    return hook
+
+
+def _keep_input(store: dict, name: str):
+    def hook(module, args):
+        store[name] = args[0]
+
+    return hook

