@@ -32,11 +32,22 @@ def tiny_clip(seed: int = 0) -> CLIPModel:
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=32, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=16, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
             patch_size=8,
         ),
         projection_dim=16,
