@@ -262,4 +262,6 @@ def test_baseline_configs_set_their_knobs(finetune):
 
     teacher_model, _, cfft = _parse(finetune, "cfft_wise_teacher.yaml")
     assert teacher_model.teacher_name_or_path == "outputs/world_wise_ft/alpha_0.50"
-    assert (cfft.mask_kind, cfft.fill_kind, cfft.distill_weight) == ("object", "single", 30.0)
+    _, _, world_default = _parse(finetune, "../world.yaml")
+    assert (cfft.mask_kind, cfft.fill_kind) == ("object", "single")
+    assert cfft.distill_weight == world_default.distill_weight == fd.distill_weight
