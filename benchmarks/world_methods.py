@@ -2,7 +2,7 @@
 
     python benchmarks/world_methods.py --seeds 0 1 2 --output_dir outputs/world_methods --docs docs
 
-Runs, per seed (the seed draws the world's images, the model's head noise and the data order): zero-shot, vanilla
+Runs, per seed (the seed draws the world's images, the data order and the refill partners): zero-shot, vanilla
 fine-tuning, FT+FD (distillation on clean images), FT+KD (logit distillation), WiSE-FT (alpha sweep of the vanilla
 model), the CFFT grid {object, context, random} x {no-fill, single-fill, multi-fill} with teacher CAMs, and the
 paper's best cell (object, single) with student CAMs. Every fine-tuning run is recipes/finetune.py with
@@ -145,13 +145,19 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(FINE_TUNING), help="Subset of the fine-tuning runs.")
     parser.add_argument("--output_dir", default="outputs/world_methods")
     parser.add_argument("--docs", default=None, help="Also write world_methods.md/png here (e.g. docs).")
+    parser.add_argument(
+        "--summarize_only", action="store_true", help="Only merge the seed*.json of earlier runs (seeds run apart)."
+    )
     args = parser.parse_args()
     if "vanilla FT" not in args.methods:
         args.methods.insert(0, "vanilla FT")  # WiSE-FT interpolates it
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    per_seed = [run_seed(seed, output_dir, args.methods) for seed in args.seeds]
+    if args.summarize_only:
+        per_seed = [json.loads((output_dir / f"seed{seed}.json").read_text()) for seed in args.seeds]
+    else:
+        per_seed = [run_seed(seed, output_dir, args.methods) for seed in args.seeds]
     from hf_cfft.world import OOD_SPLITS
 
     table = summarize(per_seed, ["test_id", *OOD_SPLITS, "ood_avg"])

@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor
 
-from hf_cfft import CfftConfig, CfftTrainer, CounterfactualTransform, load_class_names, load_classifier, load_templates
+from hf_cfft import (
+    CfftConfig,
+    CfftTrainer,
+    CounterfactualTransform,
+    is_cfft_checkpoint,
+    load_class_names,
+    load_classifier,
+    load_templates,
+)
 from hf_cfft.callbacks import CounterfactualImagesCallback
 from hf_cfft.checkpoints import resolve_resume_checkpoint
 from hf_cfft.data import precompute_cams
@@ -136,10 +144,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: dict[str, dict[str, float]] = {}
     evaluate_kwargs = dict(ood_splits=data_args.ood_splits, batch_size=args.per_device_eval_batch_size, **columns)
-    if data_args.evaluate_zero_shot and splits and trainer.teacher is not None and args.process_index == 0:
-        # The teacher is the zero-shot starting point unless another teacher (e.g. a WiSE-FT model) was given.
-        start = "teacher" if model_args.teacher_name_or_path else "zero-shot"
-        results[start] = evaluate_splits(trainer.teacher, splits, image_processor, **evaluate_kwargs)
+    if data_args.evaluate_zero_shot and splits and args.process_index == 0:
+        # The starting point: CLIP's zero-shot classifier, or the saved classifier fine-tuning resumes from (LP-FT);
+        # with --teacher_name_or_path the teacher is reported too.
+        start = "before fine-tuning" if is_cfft_checkpoint(model_args.model_name_or_path) else "zero-shot"
+        results[start] = evaluate_splits(trainer.model, splits, image_processor, **evaluate_kwargs)
+        if model_args.teacher_name_or_path:
+            results["teacher"] = evaluate_splits(trainer.teacher, splits, image_processor, **evaluate_kwargs)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
     if splits and trainer.is_world_process_zero():
