@@ -81,6 +81,7 @@ def run_seed(seed: int, output_dir: Path, methods: list[str]) -> dict[str, dict[
         if "zero-shot" in results:
             rows["zero-shot"] = results["zero-shot"]
         rows[name] = results["fine-tuned"]
+        (output_dir / f"seed{seed}.json").write_text(json.dumps(rows, indent=2))  # progress survives a stop
         if name == "vanilla FT":
             fine_tuned = load_classifier(str(out)).eval()
             zero_shot = load_classifier(
@@ -156,6 +157,8 @@ def main() -> None:
     started = time.time()
     if args.summarize_only:
         per_seed = [json.loads((output_dir / f"seed{seed}.json").read_text()) for seed in args.seeds]
+        common = [m for m in per_seed[0] if all(m in seed for seed in per_seed)]  # methods every seed finished
+        per_seed = [{m: seed[m] for m in common} for seed in per_seed]
     else:
         per_seed = [run_seed(seed, output_dir, args.methods) for seed in args.seeds]
     from hf_cfft.world import OOD_SPLITS
