@@ -101,7 +101,13 @@ _FIELDS = tuple(WorldArrays.__dataclass_fields__)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     """Upscaled digit intensities [1797, 24, 24] float32 in [0, 1] and their labels [1797]."""
     from PIL import Image
-    from sklearn.datasets import load_digits
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:  # the world's objects are scikit-learn's bundled digits
+        raise ImportError(
+            "the embedded world needs scikit-learn for its digit images: pip install 'hf_cfft[world]'"
+        ) from error
 
     digits = load_digits()
     small = (digits.images / 16.0 * 255.0).astype(np.uint8)
