@@ -9,6 +9,7 @@ curve to ``<output_dir>/training_log.json``.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import platform
 import time
@@ -52,6 +53,15 @@ class PretrainWorldClipArguments:
             raise ValueError(f"caption_family_probs needs 3 non-negative numbers, got {self.caption_family_probs}.")
 
 
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    return f"{cpu}; {os.cpu_count()} cores visible; torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
 def main(args: PretrainWorldClipArguments) -> dict[str, float]:
     torch.set_num_threads(args.num_threads)
     torch.use_deterministic_algorithms(True)
@@ -75,7 +85,7 @@ def main(args: PretrainWorldClipArguments) -> dict[str, float]:
     log = {
         "arguments": asdict(args),
         "train_seconds": round(train_seconds, 1),
-        "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
+        "machine": _machine(),
         "zeroshot_accuracy": accuracy,
         "history": [{k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()} for h in history],
     }

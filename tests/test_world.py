@@ -1,6 +1,7 @@
 """The embedded world: determinism, the promised context-class relations, held-out instances, the shipped CLIP."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -184,3 +185,64 @@ def test_shipped_clip_classifies_held_out_digits_zero_shot(world_clip):
     # The recorded figures in training_log.json are what docs/world.md quotes.
     log = json.loads((world_clip_path() / "training_log.json").read_text())
     assert abs(log["zeroshot_accuracy"]["test_id"] - accuracy) < 0.15
+
+
+def test_multi_positive_loss_is_clip_loss_for_distinct_captions_and_rewards_equal_captions():
+    from hf_cfft.world_pretrain import caption_truth, multi_positive_clip_loss
+
+    logits = torch.randn(5, 5, generator=torch.Generator().manual_seed(0))
+    target = torch.arange(5)
+    clip = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    torch.testing.assert_close(multi_positive_clip_loss(logits, torch.eye(5, dtype=torch.bool)), clip)
+    # Images 0 and 1 are both sevens; caption 0 names only the digit, caption 1 digit and context, caption 2 only
+    # the context (red), so caption 0 is true of both sevens and caption 2 of both red images.
+    labels, contexts = torch.tensor([7, 7, 3]), torch.tensor([0, 2, 0])
+    truth = caption_truth(labels, contexts, torch.tensor([7, 7, -1]), torch.tensor([-1, 2, 0]))
+    assert truth.tolist() == [[True, False, True], [True, True, False], [False, False, True]]
+    # Scoring every true pair high beats scoring only the diagonal high, whereas CLIP's one-hot targets penalise it.
+    perfect = torch.where(truth, 10.0, -10.0)
+    diagonal = torch.where(torch.eye(3, dtype=torch.bool), 10.0, -10.0)
+    assert multi_positive_clip_loss(perfect, truth) < multi_positive_clip_loss(diagonal, truth)
+    eye = torch.eye(3, dtype=torch.bool)
+    assert multi_positive_clip_loss(perfect, eye) > multi_positive_clip_loss(diagonal, eye)
+
+
+def test_world_tokenizer_is_the_same_on_every_build():
+    from hf_cfft.world_pretrain import build_world_tokenizer
+
+    first, second = build_world_tokenizer(), build_world_tokenizer()
+    assert first.get_vocab() == second.get_vocab()
+    caption = "a photo of the digit seven on a checkered background."
+    assert len(first(caption)["input_ids"]) == len(caption.replace(".", " .").split()) + 2
+
+
+def test_pretrain_recipe_runs_end_to_end_and_saves_a_loadable_clip(tmp_path, monkeypatch):
+    import importlib.util
+    import pathlib
+
+    from transformers import AutoTokenizer, CLIPModel
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "pretrain_world_clip.py"
+    spec = importlib.util.spec_from_file_location("pretrain_world_clip", script)
+    recipe = importlib.util.module_from_spec(spec)
+    # dataclasses resolve the module's annotations through sys.modules.
+    monkeypatch.setitem(sys.modules, spec.name, recipe)
+    spec.loader.exec_module(recipe)
+    args = recipe.PretrainWorldClipArguments(
+        output_dir=str(tmp_path), digit_steps=2, mixed_steps=2, batch_size=8, eval_every=2, eval_size=20
+    )
+    # main() sets process-wide torch state (thread count, deterministic algorithms): restore it for other tests.
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        accuracy = recipe.main(args)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    assert set(accuracy) >= {"test_id", *OOD_SPLITS}
+    model = CLIPModel.from_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert model.config.text_config.eos_token_id == tokenizer.eos_token_id
+    log = json.loads((tmp_path / "training_log.json").read_text())
+    assert [h["stage"] for h in log["history"]] == [1, 1, 2, 2]
+    with pytest.raises(ValueError, match="batch_size"):
+        recipe.PretrainWorldClipArguments(batch_size=1)

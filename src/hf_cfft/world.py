@@ -15,8 +15,12 @@ import itertools
 import pathlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import datasets
 
 WORLD_CLASS_NAMES: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -265,7 +269,7 @@ def _slice(arrays: WorldArrays, start: int, stop: int) -> WorldArrays:
     return WorldArrays(*(getattr(arrays, f)[start:stop] for f in _FIELDS))
 
 
-def world_features():
+def world_features() -> datasets.Features:
     """The ``datasets.Features`` of a non-pretrain world split (the pretrain split adds a string ``caption``)."""
     import datasets
 
@@ -285,7 +289,7 @@ def caption_for(label: int, context: int) -> str:
     return CAPTION_TEMPLATE.format(WORLD_CLASS_NAMES[label], CONTEXT_NAMES[context])
 
 
-def make_world_split(split: str, *, seed: int = 0, size: int | None = None):
+def make_world_split(split: str, *, seed: int = 0, size: int | None = None) -> datasets.Dataset:
     """One world split as a ``datasets.Dataset`` with image (PIL RGB 32x32), label, context, style, instance columns.
 
     The pretrain split also has a ``caption`` column. ``size`` defaults to ``DEFAULT_SIZES[split]``.
@@ -308,7 +312,9 @@ def make_world_split(split: str, *, seed: int = 0, size: int | None = None):
     return datasets.Dataset.from_dict(columns, features=features, split=datasets.Split(split))
 
 
-def make_world(seed: int = 0, sizes: dict[str, int] | None = None, splits: tuple[str, ...] | None = None):
+def make_world(
+    seed: int = 0, sizes: dict[str, int] | None = None, splits: tuple[str, ...] | None = None
+) -> datasets.DatasetDict:
     """All (or the chosen) world splits as a ``datasets.DatasetDict``; ``sizes`` overrides ``DEFAULT_SIZES``."""
     import datasets
 
@@ -334,14 +340,11 @@ def world_clip_path() -> pathlib.Path:
 
 def plot_world_examples(path: str | pathlib.Path, *, seed: int = 0, per_split: int = 10) -> pathlib.Path:
     """Save a PNG grid: one row per split, ``per_split`` images each, titled with class and context (matplotlib)."""
-    import matplotlib
+    # A bare Figure needs no pyplot backend, so this works headless and leaves the caller's backend alone.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(
-        len(SPLITS), per_split, figsize=(1.1 * per_split + 1.2, 1.25 * len(SPLITS)), squeeze=False
-    )
+    fig = Figure(figsize=(1.1 * per_split + 1.2, 1.25 * len(SPLITS)))
+    axes = fig.subplots(len(SPLITS), per_split, squeeze=False)
     for row, split in enumerate(SPLITS):
         arrays = render_world(split, seed=seed, size=per_split)
         for col, ax in enumerate(axes[row]):
@@ -353,5 +356,4 @@ def plot_world_examples(path: str | pathlib.Path, *, seed: int = 0, per_split: i
     fig.tight_layout()
     path = pathlib.Path(path)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path

@@ -22,12 +22,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from hf_cfft import world
 from hf_cfft.world import CONTEXT_NAMES, WORLD_CLASS_NAMES, WORLD_TEMPLATES
 
-# Caption families: (template, mentions the digit, mentions the context). Digit-only forms include the zero-shot
-# prompts, as CLIP's web captions contain "a photo of a {}."-like text.
+# The three caption families. The digit-only forms are the zero-shot prompts, as OpenAI CLIP's "a photo of a {}."
+# resembles text it saw in pre-training.
 BOTH_TEMPLATES: tuple[str, ...] = (
     world.CAPTION_TEMPLATE,
     "the digit {} on a {} background.",
@@ -53,7 +54,7 @@ def all_caption_texts() -> list[str]:
     return texts
 
 
-def build_world_tokenizer(corpus: Sequence[str] | None = None):
+def build_world_tokenizer(corpus: Sequence[str] | None = None) -> CLIPTokenizer:
     """A ``CLIPTokenizer`` whose byte-level BPE merges are learnt on the caption corpus (each word ends as one token).
 
     The merges are learnt here, not with ``tokenizers``' trainer, whose tie-breaking between equally frequent pairs
@@ -62,7 +63,6 @@ def build_world_tokenizer(corpus: Sequence[str] | None = None):
     start/end-of-text, so the end-of-text id (also the padding id) is the largest.
     """
     from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
 
     corpus = list(corpus if corpus is not None else all_caption_texts())
     # Split words exactly as CLIPTokenizer will at load time, so the merges apply unchanged.
@@ -112,13 +112,11 @@ def build_world_clip_config(
     text_hidden: int = 64,
     text_layers: int = 2,
     projection_dim: int = 64,
-):
+) -> CLIPConfig:
     """The tiny ``CLIPConfig``: ViT 32px/patch 4 (8x8 grid), hidden 128, 4 layers; text hidden 64, 2 layers; proj 64.
 
     The text config's bos/eos/pad ids come from ``tokenizer``, so the text tower pools at the end-of-text token.
     """
-    from transformers import CLIPConfig
-
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": text_hidden,
@@ -144,10 +142,8 @@ def build_world_clip_config(
     return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=projection_dim)
 
 
-def build_world_image_processor():
+def build_world_image_processor() -> CLIPImageProcessor:
     """A ``CLIPImageProcessor`` for 32x32 images: identity resize and crop, OpenAI CLIP mean/std."""
-    from transformers import CLIPImageProcessor
-
     return CLIPImageProcessor(
         size={"shortest_edge": world.IMAGE_SIZE},
         crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE},
@@ -230,8 +226,8 @@ def zeroshot_class_embeddings(
 
 @torch.no_grad()
 def zeroshot_accuracy(
-    model,
-    tokenizer,
+    model: CLIPModel,
+    tokenizer: CLIPTokenizer,
     images: np.ndarray,
     labels: np.ndarray,
     *,
@@ -254,19 +250,23 @@ def zeroshot_accuracy(
 
 
 def evaluate_world_zeroshot(
-    model, tokenizer, *, seed: int = 0, size: int = 1000, splits: Sequence[str] = ("test_id", *world.OOD_SPLITS)
+    model: CLIPModel,
+    tokenizer: CLIPTokenizer,
+    *,
+    seed: int = 0,
+    size: int = 1000,
+    splits: Sequence[str] = ("test_id", *world.OOD_SPLITS),
 ) -> dict[str, float]:
     """Zero-shot digit accuracy per world split ({split: accuracy in [0, 1]}) on ``size`` rendered images each.
 
-    Also reports ``context@<split>``: how well the same model names the context (all 14 context names as classes,
-    prompts "a photo of a {} background."), which shows the features do carry the context.
+    Also reports ``context@<split>``: how well the same model names the context (the 14 context names as classes,
+    ``CONTEXT_TEMPLATES`` as prompts), which shows whether the features carry the context at all.
     """
+    rendered = {split: world.render_world(split, seed=seed, size=size) for split in splits}
     out = {}
-    for split in splits:
-        arrays = world.render_world(split, seed=seed, size=size)
+    for split, arrays in rendered.items():
         out[split] = zeroshot_accuracy(model, tokenizer, arrays.images, arrays.labels)
-    for split in splits:
-        arrays = world.render_world(split, seed=seed, size=size)
+    for split, arrays in rendered.items():
         out[f"context@{split}"] = zeroshot_accuracy(
             model, tokenizer, arrays.images, arrays.contexts, class_names=CONTEXT_NAMES, templates=CONTEXT_TEMPLATES
         )
@@ -306,7 +306,7 @@ def pretrain_world_clip(
     eval_every: int = 100,
     eval_size: int = 500,
     log: Callable[[str], None] = print,
-):
+) -> tuple[CLIPModel, CLIPTokenizer, CLIPImageProcessor, list[dict]]:
     """Pre-train the tiny world CLIP from scratch; returns (model, tokenizer, image_processor, history).
 
     Stage 1 runs ``digit_steps`` steps with digit-only captions; stage 2 runs ``mixed_steps`` steps whose batches
@@ -316,8 +316,6 @@ def pretrain_world_clip(
     ``history``: one dict per step (stage, step, loss, seconds; ``zeroshot_test_id`` every ``eval_every`` steps,
     measured on ``eval_size`` test_id images of world seed ``seed + 1``).
     """
-    from transformers import CLIPModel
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     tokenizer = build_world_tokenizer()
