@@ -79,13 +79,17 @@ def test_attention_rollout_needs_one_gradient_per_map():
 
 
 def test_grad_cam_matches_the_hand_computed_example():
-    # CLS + 2 patches, 2 channels. CLS activations and gradients must be ignored.
+    # CLS + 2 patches, 2 channels. The CLS gradient counts in the channel weights (the reference's sum over all
+    # tokens); the CLS activation is not part of the map.
     tokens = torch.tensor([[[9.0, 9.0], [1.0, 3.0], [3.0, -1.0]]])
-    grads = torch.tensor([[[100.0, -100.0], [1.0, 0.0], [3.0, -2.0]]])
-    # Channel weights = mean gradient over patches = [2, -1].
-    # Patch 1: 1 * 2 + 3 * -1 = -1 -> clamped to 0.  Patch 2: 3 * 2 + -1 * -1 = 7.
+    grads = torch.tensor([[[1.0, -2.0], [1.0, 0.0], [3.0, -2.0]]])
+    # Channel weights = gradient summed over CLS and patches = [1 + 1 + 3, -2 + 0 - 2] = [5, -4].
+    # Patch 1: 1 * 5 + 3 * -4 = -7 -> clamped to 0.  Patch 2: 3 * 5 + -1 * -4 = 19.
     cam = grad_cam(tokens, grads)
-    torch.testing.assert_close(cam, torch.tensor([[0.0, 7.0]]), atol=0, rtol=0)
+    torch.testing.assert_close(cam, torch.tensor([[0.0, 19.0]]), atol=0, rtol=0)
+    # Without the CLS gradient the weights would be [4, -2] and patch 1 would score 1 * 4 + 3 * -2 = -2 -> 0,
+    # patch 2 3 * 4 + 2 = 14: the CLS row changes the map.
+    assert not torch.equal(cam, torch.tensor([[0.0, 14.0]]))
 
 
 # ---- normalisation ----
@@ -143,21 +147,21 @@ def test_compute_cam_rollout_equals_rollout_of_the_models_own_attentions(tiny_cl
     torch.testing.assert_close(cam.flatten(1), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_compute_cam_gradcam_uses_the_tokens_entering_the_last_block(tiny_classifier):
+def test_compute_cam_gradcam_reads_the_last_blocks_first_layer_norm(tiny_classifier):
     model, images, labels = tiny_classifier, _images(), torch.tensor([1, 2, 0])
     captured = {}
 
-    def grab(module, args, kwargs):
-        captured["tokens"] = args[0] if args else kwargs["hidden_states"]
+    def grab(module, args, output):
+        captured["tokens"] = output
 
-    handle = model.vision_model.encoder.layers[-1].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = model.vision_model.encoder.layers[-1].layer_norm1.register_forward_hook(grab)
     try:
         out = model.vision_model(pixel_values=images)
     finally:
         handle.remove()
     logits = model.logits_from_features(model.visual_projection(out.pooler_output))
     (grads,) = torch.autograd.grad(logits[torch.arange(3), labels].sum(), captured["tokens"])
-    weights = grads[:, 1:].mean(dim=1, keepdim=True)
+    weights = grads.sum(dim=1, keepdim=True)  # every token, CLS included
     expected = (weights * captured["tokens"][:, 1:]).sum(-1).clamp(min=0).detach()
     expected = expected / expected.amax(dim=1, keepdim=True)
     cam = compute_cam(model, images, labels, "gradcam")

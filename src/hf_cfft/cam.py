@@ -1,12 +1,14 @@
 """Class activation maps (CAMs) of the true class for a CLIP ViT classifier, over the patch grid.
 
-Two methods, as in the reference implementation:
+Two methods, as in the reference implementation (github: Coxy7/robust-finetuning):
 
 - ``rollout``: gradient-weighted attention rollout (Chefer et al., 2021, "generic attention-model explainability"):
   ``R = I; for each block: R += mean_heads(clamp(grad * attn, min=0)) @ R``; the CAM is row CLS of R over the
   patch tokens.
-- ``gradcam``: GradCAM on the tokens entering the last block (the last block's own patch outputs never reach the
-  CLS output, so their gradient is zero).
+- ``gradcam``: GradCAM on the output of the last block's first LayerNorm (the tokens as the last attention reads
+  them; the last block's own patch outputs never reach the CLS output, so their gradient is zero). As the reference
+  does, the channel weights are the gradient summed over *all* tokens, CLS included, and the map is the weighted
+  sum of channels at each patch token, clamped at 0.
 
 Both are normalised by their per-image maximum, so a threshold of 0.3 means "30% of the hottest patch".
 """
@@ -46,9 +48,18 @@ def attention_rollout(attentions: Sequence[torch.Tensor], grads: Sequence[torch.
 
 
 def grad_cam(tokens: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """GradCAM over ViT tokens: activations and gradients [B, T, D] (token 0 is CLS) -> [B, T - 1], >= 0."""
-    weights = grads[:, 1:].float().mean(dim=1, keepdim=True)  # [B, 1, D]: channel importance
+    """GradCAM over ViT tokens: activations and gradients [B, T, D] (token 0 is CLS) -> [B, T - 1], >= 0.
+
+    Channel weights are the gradient summed over every token, CLS included (the reference's definition); the map is
+    read at the patch tokens only.
+    """
+    weights = grads.float().sum(dim=1, keepdim=True)  # [B, 1, D]: channel importance
     return (weights * tokens[:, 1:].float()).sum(dim=-1).clamp(min=0)
+
+
+def gradcam_layer(vision_model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output GradCAM reads: the last encoder block's first LayerNorm."""
+    return vision_model.encoder.layers[-1].layer_norm1
 
 
 @contextmanager
@@ -79,21 +90,25 @@ def compute_cam(model: torch.nn.Module, pixel_values: torch.Tensor, labels: torc
     pixels = pixel_values.detach().requires_grad_(True)
     was_training = model.training
     model.eval()
+    captured: dict[str, torch.Tensor] = {}
+    handle = None
+    if method == "gradcam":
+        handle = gradcam_layer(vision).register_forward_hook(_keep_output(captured, "tokens"))
     try:
         with torch.enable_grad(), eager_attention(vision):
-            out = vision(
-                pixel_values=pixels, output_attentions=method == "rollout", output_hidden_states=method == "gradcam"
-            )
+            out = vision(pixel_values=pixels, output_attentions=method == "rollout")
             logits = model.logits_from_features(model.visual_projection(out.pooler_output))
             score = logits.gather(1, labels.view(-1, 1).to(logits.device)).sum()
             if method == "rollout":
                 grads = torch.autograd.grad(score, out.attentions)
                 cam = attention_rollout(out.attentions, grads)
             else:
-                tokens = out.hidden_states[-2]
+                tokens = captured["tokens"]
                 (grads,) = torch.autograd.grad(score, tokens)
                 cam = grad_cam(tokens, grads)
     finally:
+        if handle is not None:
+            handle.remove()
         model.train(was_training)
     h, w = model.patch_grid
     return normalize_cam(cam.detach().view(-1, h, w))
@@ -110,8 +125,8 @@ class CamRecorder:
 
     Inside the ``with`` block, hooks keep what the CAM needs from the forward of ``model`` (a
     `ClipCfftForImageClassification`) on any attention kernel (sdpa, flash): for ``rollout`` each block's queries,
-    keys, values and attention output ``O`` (the input of ``out_proj``); for ``gradcam`` the tokens entering the last
-    block. Fused kernels never materialise the attention probabilities, so ``cam`` recomputes them,
+    keys, values and attention output ``O`` (the input of ``out_proj``); for ``gradcam`` the output of the last
+    block's first LayerNorm. Fused kernels never materialise the attention probabilities, so ``cam`` recomputes them,
     ``P = softmax(q k^T * scale)``, and gets their gradient from the output's, ``dS/dP = dS/dO @ v^T`` per head (as
     ``O = P v``): the quantities `compute_cam` takes from the eager path, so the maps agree to float rounding.
 
@@ -142,7 +157,7 @@ class CamRecorder:
                     self._handles.append(getattr(attention, name).register_forward_hook(_keep_output(block, name)))
                 self._handles.append(attention.out_proj.register_forward_pre_hook(_keep_input(block, "out")))
         else:
-            self._handles.append(layers[-1].register_forward_pre_hook(self._keep_tokens, with_kwargs=True))
+            self._handles.append(gradcam_layer(self.model.vision_model).register_forward_hook(self._keep_tokens))
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -150,8 +165,8 @@ class CamRecorder:
             handle.remove()
         self._handles.clear()
 
-    def _keep_tokens(self, module, args, kwargs) -> None:
-        self._tokens = args[0] if args else kwargs["hidden_states"]
+    def _keep_tokens(self, module, args, output) -> None:
+        self._tokens = output
 
     def cam(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """CAM of class ``labels`` [B] for the recorded forward whose ``logits`` [B, K] are given -> [B, h, w].
