@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
             grid=model.patch_grid,
             mask_kind=args.mask_kind,
             mask_threshold=args.mask_threshold,
+            mask_top_fraction=args.mask_top_fraction,
             augment=args.augment,
             num_labels=len(class_names),
             **columns,

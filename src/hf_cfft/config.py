@@ -50,6 +50,14 @@ class CfftConfig(TrainingArguments):
     mask_threshold: float = field(
         default=0.3, metadata={"help": "CAM threshold in (0, 1) for object/context masks (CAMs are max-normalised)."}
     )
+    mask_top_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Rank-based object masks: mask this fraction of patches with the highest CAM (ties to the lower "
+            "patch index; context masks keep the complement) instead of thresholding at mask_threshold. Unset = the "
+            "paper's threshold rule."
+        },
+    )
     mask_ratio: float = field(default=0.5, metadata={"help": "Fraction of patches masked by random-mask, in (0, 1)."})
     cam_method: str = field(
         default="rollout",
@@ -113,6 +121,10 @@ class CfftConfig(TrainingArguments):
             raise ValueError(f"distill_weight={self.distill_weight} must be >= 0 (0 = vanilla fine-tuning)")
         if not 0 < self.mask_threshold < 1:
             raise ValueError(f"mask_threshold={self.mask_threshold} must lie in (0, 1); the paper's best is 0.3")
+        if self.mask_top_fraction is not None and not 0 < self.mask_top_fraction < 1:
+            raise ValueError(
+                f"mask_top_fraction={self.mask_top_fraction} must lie in (0, 1), or be unset for the threshold rule"
+            )
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"mask_ratio={self.mask_ratio} must lie in (0, 1); the paper tries 0.25, 0.5, 0.75")
         if self.kd_temperature <= 0:

@@ -117,6 +117,7 @@ class CounterfactualTransform:
         grid: tuple[int, int],
         mask_kind: str = "none",
         mask_threshold: float = 0.3,
+        mask_top_fraction: float | None = None,
         augment: str = "none",
         image_column: str = "image",
         label_column: str = "label",
@@ -127,6 +128,7 @@ class CounterfactualTransform:
         self.grid = tuple(grid)
         self.mask_kind = mask_kind
         self.mask_threshold = mask_threshold
+        self.mask_top_fraction = mask_top_fraction
         self.augment = augment
         self.image_column = image_column
         self.label_column = label_column
@@ -150,7 +152,7 @@ class CounterfactualTransform:
             image, cam = augment_with_cam(pixels[i], cam, self.augment)
             out["pixel_values"].append(image)
             if cut_masks:
-                out["cf_mask"].append(cam_patch_mask(cam[None], self.mask_kind, self.mask_threshold)[0])
+                out["cf_mask"].append(cam_patch_mask(cam[None], self.mask_kind, self.mask_threshold, self.mask_top_fraction)[0])
         return out
 
 

@@ -2,8 +2,10 @@
 
 Masks are boolean [B, h, w] over the model's patch grid, True = the patch is masked.
 
-- object-mask: patches whose CAM exceeds ``threshold`` (the object's evidence is removed);
-- context-mask: the complement (the context is removed);
+- object-mask: patches whose CAM exceeds ``threshold`` (the object's evidence is removed) - the paper's rule; or,
+  rank-based, the ``top_fraction`` of patches with the highest CAM (a fixed count per image, ties to the lower
+  patch index), for CAMs whose maximum-normalised values are too peaked for any threshold to cover the object;
+- context-mask: the complement of the object-mask (the context is removed);
 - random-mask: exactly ``round(ratio * h * w)`` patches per image, chosen uniformly. A fixed count (rather than an
   independent coin per patch) makes every image keep the same number of tokens, so no-fill can drop them.
 
@@ -23,13 +25,30 @@ MASK_KINDS = ("none", "object", "context", "random")
 FILL_KINDS = ("none", "single", "multi")
 
 
-def cam_patch_mask(cam: torch.Tensor, kind: str, threshold: float) -> torch.Tensor:
-    """Object- or context-mask from a max-normalised CAM: [B, h, w] float -> [B, h, w] bool (True = masked)."""
-    if kind == "object":
-        return cam > threshold
-    if kind == "context":
-        return cam <= threshold
-    raise ValueError(f"mask kind {kind!r} is not CAM-based; expected 'object' or 'context'")
+def top_fraction_mask(cam: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The ``round(fraction * h * w)`` patches of highest CAM per image: [B, h, w] -> [B, h, w] bool.
+
+    Ties are broken towards the lower row-major patch index, so the mask is deterministic.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"top fraction {fraction} must lie in (0, 1)")
+    b, h, w = cam.shape
+    count = round(fraction * h * w)
+    order = torch.sort(cam.reshape(b, -1), dim=1, descending=True, stable=True).indices
+    mask = torch.zeros(b, h * w, dtype=torch.bool, device=cam.device)
+    mask.scatter_(1, order[:, :count], True)
+    return mask.view(b, h, w)
+
+
+def cam_patch_mask(cam: torch.Tensor, kind: str, threshold: float, top_fraction: float | None = None) -> torch.Tensor:
+    """Object- or context-mask from a max-normalised CAM: [B, h, w] float -> [B, h, w] bool (True = masked).
+
+    The object is ``cam > threshold``, or the ``top_fraction`` of patches by CAM when that is given.
+    """
+    if kind not in ("object", "context"):
+        raise ValueError(f"mask kind {kind!r} is not CAM-based; expected 'object' or 'context'")
+    obj = top_fraction_mask(cam, top_fraction) if top_fraction is not None else cam > threshold
+    return obj if kind == "object" else ~obj
 
 
 def random_patch_mask(

@@ -133,7 +133,7 @@ class CfftTrainer(Trainer):
             cam = recorder.cam(clean_outputs.logits, labels)
         else:
             cam = compute_cam(unwrapped, pixel_values, labels, self.args.cam_method)
-        mask = cam_patch_mask(cam, self.args.mask_kind, self.args.mask_threshold).cpu()
+        mask = cam_patch_mask(cam, self.args.mask_kind, self.args.mask_threshold, self.args.mask_top_fraction).cpu()
         # Keyed by optimizer step and micro-step, not a running counter, so a resumed run draws the same refills.
         key = f"{self.args.seed}/{self.state.global_step}/{self.args.process_index}/{self._micro_step}"
         seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)

@@ -47,7 +47,11 @@ NUM_ID_CONTEXTS = len(ID_CONTEXTS)
 STYLE_NAMES: tuple[str, ...] = ("solid", "outline")
 # Share of outlined digits in pre-training: the style is known to the pre-trained model but absent from fine-tuning.
 PRETRAIN_OUTLINE_FRACTION = 0.2
+# Share of train and test_id images drawn on their class's own context; the rest take a uniformly random other
+# in-distribution context. 1 / NUM_ID_CONTEXTS (0.1) makes the context independent of the class.
 TRAIN_CONTEXT_CORRELATION = 0.9
+# Patch side of the shipped world CLIP: the grid on which ``object_patches`` is given.
+WORLD_PATCH_SIZE = 4
 
 SPLITS: tuple[str, ...] = ("pretrain", "train", "test_id", "ood_shuffled", "ood_swapped", "ood_novel", "ood_style")
 OOD_SPLITS: tuple[str, ...] = ("ood_shuffled", "ood_swapped", "ood_novel", "ood_style")
@@ -86,13 +90,19 @@ _CHUNK = 1024
 
 @dataclass
 class WorldArrays:
-    """A rendered split as arrays: images [N, 32, 32, 3] uint8 RGB, and [N] int64 labels/contexts/styles/instances."""
+    """A rendered split as arrays.
+
+    images [N, 32, 32, 3] uint8 RGB; labels, contexts, styles, instances [N] int64; strokes [N, 32, 32] bool, the
+    object's own pixels (the digit's blending weight above one half: where the image shows the digit, not the
+    context). ``strokes`` is the ground truth that CAM-derived object masks are scored against.
+    """
 
     images: np.ndarray
     labels: np.ndarray
     contexts: np.ndarray
     styles: np.ndarray
     instances: np.ndarray
+    strokes: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -188,7 +198,9 @@ def _backgrounds(contexts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _sample_contexts(split: str, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _sample_contexts(
+    split: str, labels: np.ndarray, rng: np.random.Generator, correlation: float = TRAIN_CONTEXT_CORRELATION
+) -> np.ndarray:
     """Context index per sample [N], following the split's context-class relation."""
     n = len(labels)
     # A uniformly random *other* in-distribution context: shift by 1..9 modulo 10.
@@ -196,7 +208,7 @@ def _sample_contexts(split: str, labels: np.ndarray, rng: np.random.Generator) -
     if split == "pretrain":
         return rng.integers(0, len(CONTEXT_NAMES), size=n)
     if split in ("train", "test_id"):
-        own = rng.random(n) < TRAIN_CONTEXT_CORRELATION
+        own = rng.random(n) < correlation
         return np.where(own, labels, other)
     if split in ("ood_shuffled", "ood_style"):
         return rng.integers(0, NUM_ID_CONTEXTS, size=n)
@@ -207,7 +219,9 @@ def _sample_contexts(split: str, labels: np.ndarray, rng: np.random.Generator) -
     raise ValueError(f"Unknown world split {split!r}; expected one of {SPLITS}.")
 
 
-def _render_chunk(split: str, seed: int, chunk: int, n: int) -> WorldArrays:
+def _render_chunk(
+    split: str, seed: int, chunk: int, n: int, correlation: float = TRAIN_CONTEXT_CORRELATION
+) -> WorldArrays:
     rng = np.random.default_rng([seed, SPLITS.index(split), chunk])
     alpha_solid, _ = _digits()
     pool = instance_pools()[_pool_of(split)]
@@ -215,7 +229,7 @@ def _render_chunk(split: str, seed: int, chunk: int, n: int) -> WorldArrays:
     pool_sizes = np.array([len(p) for p in pool])
     padded = np.stack([np.resize(p, pool_sizes.max()) for p in pool])
     instances = padded[labels, (rng.random(n) * pool_sizes[labels]).astype(np.int64)]
-    contexts = _sample_contexts(split, labels, rng)
+    contexts = _sample_contexts(split, labels, rng, correlation)
     if split == "pretrain":
         styles = (rng.random(n) < PRETRAIN_OUTLINE_FRACTION).astype(np.int64)
     else:
@@ -234,19 +248,48 @@ def _render_chunk(split: str, seed: int, chunk: int, n: int) -> WorldArrays:
     images = images * (1.0 - alpha) + OBJECT_RGB * alpha
     images += rng.normal(0.0, 6.0, size=images.shape).astype(np.float32)
     images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
-    return WorldArrays(images, labels.astype(np.int64), contexts.astype(np.int64), styles, instances)
+    strokes = alpha[..., 0] > 0.5
+    return WorldArrays(images, labels.astype(np.int64), contexts.astype(np.int64), styles, instances, strokes)
 
 
-def render_world(split: str, *, seed: int = 0, size: int | None = None) -> WorldArrays:
-    """Render ``size`` images of a world split as arrays (images [N, 32, 32, 3] uint8); deterministic in ``seed``."""
+def _check_correlation(correlation: float) -> None:
+    if not 0.0 <= correlation <= 1.0:
+        raise ValueError(
+            f"context correlation {correlation} must lie in [0, 1]: the share of train/test_id images on their "
+            f"class's own context ({TRAIN_CONTEXT_CORRELATION} by default, {1 / NUM_ID_CONTEXTS} = independent)"
+        )
+
+
+def render_world(
+    split: str, *, seed: int = 0, size: int | None = None, correlation: float = TRAIN_CONTEXT_CORRELATION
+) -> WorldArrays:
+    """Render ``size`` images of a world split as arrays (images [N, 32, 32, 3] uint8); deterministic in ``seed``.
+
+    ``correlation`` is the share of ``train``/``test_id`` images on their class's own context (other splits ignore
+    it); changing it changes those images' contexts only, every other draw stays the same.
+    """
     if split not in SPLITS:
         raise ValueError(f"Unknown world split {split!r}; expected one of {SPLITS}.")
+    _check_correlation(correlation)
     size = DEFAULT_SIZES[split] if size is None else size
     if size < 0:
         raise ValueError(f"size must be >= 0, got {size}.")
     # Whole chunks only: a chunk's random draws depend on its length, and prefixes must not change with ``size``.
-    chunks = [_render_chunk(split, seed, k, _CHUNK) for k in range(-(-size // _CHUNK))]
+    chunks = [_render_chunk(split, seed, k, _CHUNK, correlation) for k in range(-(-size // _CHUNK))]
     return _slice(_concat(chunks), 0, size) if chunks else _render_chunk(split, seed, 0, 0)
+
+
+def object_patch_mask(strokes: np.ndarray, patch_size: int = WORLD_PATCH_SIZE, min_pixels: int = 1) -> np.ndarray:
+    """Which patches the object covers: stroke pixels [N, H, W] bool -> [N, H / p, W / p] bool.
+
+    A patch is an object patch when at least ``min_pixels`` of its pixels are stroke pixels; with the default 1,
+    every patch that the digit touches counts, which is what masking "the object" has to remove.
+    """
+    n, height, width = strokes.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch_size}")
+    grid = strokes.reshape(n, height // patch_size, patch_size, width // patch_size, patch_size)
+    return grid.sum(axis=(2, 4)) >= min_pixels
 
 
 def stream_world(split: str, *, seed: int = 0, batch_size: int = 128) -> Iterator[WorldArrays]:
@@ -280,6 +323,8 @@ def world_features() -> datasets.Features:
             "context": datasets.ClassLabel(names=list(CONTEXT_NAMES)),
             "style": datasets.ClassLabel(names=list(STYLE_NAMES)),
             "instance": datasets.Value("int32"),
+            # Row-major over the world CLIP's 8x8 patch grid: True where the digit's strokes touch the patch.
+            "object_patches": datasets.Sequence(datasets.Value("bool")),
         }
     )
 
@@ -289,15 +334,19 @@ def caption_for(label: int, context: int) -> str:
     return CAPTION_TEMPLATE.format(WORLD_CLASS_NAMES[label], CONTEXT_NAMES[context])
 
 
-def make_world_split(split: str, *, seed: int = 0, size: int | None = None) -> datasets.Dataset:
-    """One world split as a ``datasets.Dataset`` with image (PIL RGB 32x32), label, context, style, instance columns.
+def make_world_split(
+    split: str, *, seed: int = 0, size: int | None = None, correlation: float = TRAIN_CONTEXT_CORRELATION
+) -> datasets.Dataset:
+    """One world split as a ``datasets.Dataset``: image (PIL RGB 32x32), label, context, style, instance columns.
 
-    The pretrain split also has a ``caption`` column. ``size`` defaults to ``DEFAULT_SIZES[split]``.
+    ``object_patches`` holds the ground-truth object mask on the world CLIP's 8x8 patch grid (64 bools, row-major;
+    `object_patch_mask` of the strokes). The pretrain split also has a ``caption`` column. ``size`` defaults to
+    ``DEFAULT_SIZES[split]``; ``correlation`` as in `render_world`.
     """
     import datasets
     from PIL import Image
 
-    arrays = render_world(split, seed=seed, size=size)
+    arrays = render_world(split, seed=seed, size=size, correlation=correlation)
     features = world_features()
     columns = {
         "image": [Image.fromarray(img) for img in arrays.images],
@@ -305,6 +354,7 @@ def make_world_split(split: str, *, seed: int = 0, size: int | None = None) -> d
         "context": arrays.contexts,
         "style": arrays.styles,
         "instance": arrays.instances.astype(np.int32),
+        "object_patches": object_patch_mask(arrays.strokes).reshape(len(arrays), -1),
     }
     if split == "pretrain":
         features["caption"] = datasets.Value("string")
