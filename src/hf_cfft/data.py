@@ -152,7 +152,9 @@ class CounterfactualTransform:
             image, cam = augment_with_cam(pixels[i], cam, self.augment)
             out["pixel_values"].append(image)
             if cut_masks:
-                out["cf_mask"].append(cam_patch_mask(cam[None], self.mask_kind, self.mask_threshold, self.mask_top_fraction)[0])
+                out["cf_mask"].append(
+                    cam_patch_mask(cam[None], self.mask_kind, self.mask_threshold, self.mask_top_fraction)[0]
+                )
         return out
 
 
