@@ -246,3 +246,54 @@ def test_pretrain_recipe_runs_end_to_end_and_saves_a_loadable_clip(tmp_path, mon
     assert [h["stage"] for h in log["history"]] == [1, 1, 2, 2]
     with pytest.raises(ValueError, match="batch_size"):
         recipe.PretrainWorldClipArguments(batch_size=1)
+
+
+def test_shipped_clip_is_what_its_recipe_recorded():
+    """The shipped weights are the recipe's output: its training_log.json names their sha256 and pinned numerics."""
+    import hashlib
+
+    log = json.loads((world_clip_path() / "training_log.json").read_text())
+    digest = hashlib.sha256((world_clip_path() / "model.safetensors").read_bytes()).hexdigest()
+    assert log["model_sha256"] == digest
+    assert log["numerics"]["MKL_CBWR"] == "COMPATIBLE" and log["numerics"]["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert log["numerics"]["threads"] == "1"
+    # The recorded arguments are the recipe's defaults, so running it without flags rebuilds these weights.
+    import importlib.util
+    import pathlib
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "pretrain_world_clip.py"
+    spec = importlib.util.spec_from_file_location("pretrain_world_clip_defaults", script)
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe
+    try:
+        spec.loader.exec_module(recipe)
+        from dataclasses import asdict
+
+        defaults = asdict(recipe.PretrainWorldClipArguments())
+    finally:
+        del sys.modules[spec.name]
+    assert {k: v for k, v in defaults.items() if k not in ("output_dir", "require_match")} == log["arguments"]
+
+
+def test_pretrain_recipe_pins_its_numerics_before_torch_loads(tmp_path):
+    """Started without the pinned environment, the script re-executes itself with it (a 2-step run)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "pretrain_world_clip.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")}
+    argv = ["--digit_steps", "1", "--mixed_steps", "1", "--batch_size", "4", "--eval_size", "8", "--eval_every", "1"]
+    done = subprocess.run(
+        [sys.executable, str(script), "--output_dir", str(tmp_path), *argv],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = json.loads((tmp_path / "training_log.json").read_text())
+    assert log["numerics"]["MKL_CBWR"] == "COMPATIBLE"
+    assert log["numerics"]["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert log["numerics"]["cpu_capability"] in ("AVX2", "DEFAULT")  # what torch ran: never AVX-512
+    assert log["numerics"]["threads"] == "1"
+    assert "differs from the shipped" in done.stdout  # 2 steps are not the shipped model, and it says so

@@ -297,8 +297,8 @@ def _pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
 def pretrain_world_clip(
     *,
     seed: int = 0,
-    digit_steps: int = 300,
-    mixed_steps: int = 450,
+    digit_steps: int = 400,
+    mixed_steps: int = 1100,
     batch_size: int = 64,
     learning_rate: float = 1e-3,
     weight_decay: float = 0.1,
