@@ -43,15 +43,6 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the train split (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate each eval split."})
     evaluate_zero_shot: bool = field(default=True, metadata={"help": "Also evaluate the model before fine-tuning."})
-    image_check: str = field(
-        default="verify",
-        metadata={
-            "help": "Check train images before training: 'verify' (file structure), 'decode' (every pixel), 'none'."
-        },
-    )
-    skip_corrupt_images: bool = field(
-        default=False, metadata={"help": "Drop unreadable train images (and report how many) instead of failing."}
-    )
 
 
 def parse_with_config(
