@@ -25,10 +25,10 @@ from hf_cfft import (
     load_templates,
 )
 from hf_cfft.callbacks import CounterfactualImagesCallback
-from hf_cfft.checkpoints import resolve_resume_checkpoint
+from hf_cfft.cli.script_args import DataArguments, default_model, parse_with_config, write_results
+from hf_cfft.cli.sources import class_names_of, load_image_splits
 from hf_cfft.evaluation import evaluate_splits
-from hf_cfft.script_args import DataArguments, default_model, parse_with_config, write_results
-from hf_cfft.sources import class_names_of, load_image_splits
+from hf_cfft.release.checkpoints import resolve_resume_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "world.yaml"
 

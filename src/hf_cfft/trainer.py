@@ -28,8 +28,8 @@ from .data import CounterfactualCollator, CounterfactualTransform, precompute_ca
 from .image_checks import drop_unreadable_images, undecoded
 from .losses import counterfactual_loss
 from .masking import cam_patch_mask, make_counterfactuals
-from .model_card import TRAINING_ARGS_JSON, write_model_card
 from .modeling import ClipCfftForImageClassification
+from .release.model_card import TRAINING_ARGS_JSON, write_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -340,7 +340,7 @@ class CfftTrainer(Trainer):
         return (parts["loss"], outputs) if return_outputs else parts["loss"]
 
     def _stop_on_non_finite_loss(self, parts: dict[str, torch.Tensor]) -> None:
-        from .checkpoints import latest_complete_checkpoint
+        from .release.checkpoints import latest_complete_checkpoint
 
         last = latest_complete_checkpoint(self.args.output_dir)
         raise FloatingPointError(

@@ -1,12 +1,12 @@
 """What the recipes share: dataset flags, YAML configs under CLI flags, evaluation splits and result files.
 
-Like TRL's ``ScriptArguments``, this lives in the library so that every recipe stays a thin script and no recipe
-imports another.
+Like TRL's ``ScriptArguments``, this ships with the package (``hf_cfft.cli``, never imported by the library) so that
+every recipe stays a thin script and no recipe imports another.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -16,11 +16,13 @@ import yaml
 from datasets import Dataset
 from transformers import HfArgumentParser
 
-from .evaluation import results_table
+from ..evaluation import results_table, write_report
 from .sources import WORLD, class_names_of, load_image_splits
 
 # Keys a fine-tuning YAML lends to the post-hoc recipes (WiSE-FT, soups, zero-shot, pictures): the data and the
 # model, never its output_dir, so their results cannot land in the training run's folder.
+logger = logging.getLogger(__name__)
+
 SHARED_CONFIG_KEYS = frozenset(
     {"model_name_or_path", "class_names", "templates", "seed", "per_device_eval_batch_size"}
 )
@@ -79,15 +81,16 @@ def parse_with_config(
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
 
 
-def default_model(model_name_or_path: str | None, dataset_name: str) -> str:
-    """``model_name_or_path``, or the tiny CLIP shipped for the embedded world when none is given there."""
+def default_model(model_name_or_path: str | None, dataset_name: str, flag: str = "--model_name_or_path") -> str:
+    """``model_name_or_path``, or the tiny CLIP shipped for the embedded world when none is given there.
+
+    ``flag`` names the recipe's option in the error raised outside the world.
+    """
     if model_name_or_path is not None:
         return model_name_or_path
     if dataset_name != WORLD:
-        raise ValueError(
-            "--model_name_or_path is required outside the embedded world (e.g. openai/clip-vit-base-patch32)"
-        )
-    from .world import world_clip_path
+        raise ValueError(f"{flag} is required outside the embedded world (e.g. openai/clip-vit-base-patch32)")
+    from ..world import world_clip_path
 
     return str(world_clip_path())
 
@@ -127,8 +130,8 @@ def check_dataset_classes(splits: Mapping[str, Dataset], names: list[str], label
             )
         if dataset_names != names:
             differ = [(a, b) for a, b in zip(dataset_names, names) if a != b]
-            print(
-                f"Warning: {len(differ)} class names of split {split!r} differ from {model_name}'s, e.g. "
+            logger.warning(
+                f"{len(differ)} class names of split {split!r} differ from {model_name}'s, e.g. "
                 f"{differ[0][0]!r} vs {differ[0][1]!r}; scores assume the same class order"
             )
 
@@ -147,13 +150,7 @@ def evaluate_kwargs(data_args: DataArguments, batch_size: int, device: torch.dev
 def write_results(results: Mapping, output_dir: str, data_args: DataArguments, stem: str = "results") -> str:
     """``<stem>.json`` and ``<stem>.md`` in ``output_dir``; returns the markdown table (accuracies in %)."""
     columns = [*data_args.eval_splits] + (["ood_avg"] if data_args.ood_splits else [])
-    table = results_table(results, columns)
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, f"{stem}.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(output_dir, f"{stem}.md"), "w") as f:
-        f.write("Top-1 accuracy (%)\n\n" + table + "\n")
-    return table
+    return write_report(output_dir, results, results_table(results, columns), title="Top-1 accuracy (%)", stem=stem)
 
 
 def resolve_device(name: str | None) -> torch.device:
