@@ -20,7 +20,7 @@ from transformers import AutoImageProcessor, HfArgumentParser
 
 from hf_cfft import is_cfft_checkpoint, load_class_names, load_classifier, load_templates
 from hf_cfft.cli.script_args import default_model
-from hf_cfft.cli.sources import WORLD, class_names_of, load_image_splits
+from hf_cfft.cli.sources import WORLD, class_names_for, load_image_splits
 from hf_cfft.evaluation import (
     RunResult,
     dataset_eval_sets,
@@ -112,9 +112,7 @@ def build_sets(args: EvalArguments):
     splits = load_image_splits(
         dataset_name, [id_split, *ood_splits], dataset_config=args.dataset_config, world_seed=args.world_seed
     )
-    names = (
-        load_class_names(args.class_names) if args.class_names else class_names_of(splits[id_split], args.label_column)
-    )
+    names = class_names_for(args.class_names, splits[id_split], args.label_column)
     sets = dataset_eval_sets(splits, image_column=args.image_column, label_column=args.label_column)
     templates = WORLD if dataset_name == WORLD else "simple"
     return sets, id_split, list(ood_splits), names, templates, os.path.basename(os.path.normpath(dataset_name))

@@ -20,13 +20,18 @@ from hf_cfft import (
     CfftConfig,
     CfftTrainer,
     is_cfft_checkpoint,
-    load_class_names,
     load_classifier,
     load_templates,
 )
 from hf_cfft.callbacks import CounterfactualImagesCallback
-from hf_cfft.cli.script_args import DataArguments, default_model, parse_with_config, write_results
-from hf_cfft.cli.sources import class_names_of, load_image_splits
+from hf_cfft.cli.script_args import (
+    DataArguments,
+    default_model,
+    load_train_and_eval_splits,
+    parse_with_config,
+    write_results,
+)
+from hf_cfft.cli.sources import class_names_for
 from hf_cfft.evaluation import evaluate_splits
 from hf_cfft.release.checkpoints import resolve_resume_checkpoint
 
@@ -68,23 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
     model_args.model_name_or_path = default_model(model_args.model_name_or_path, data_args.dataset_name)
 
-    splits = load_image_splits(
-        data_args.dataset_name,
-        [data_args.train_split, *data_args.eval_splits],
-        dataset_config=data_args.dataset_config,
-        data_dir=data_args.data_dir,
-        world_seed=args.seed,
-    )
-    train = splits.pop(data_args.train_split)
-    if data_args.max_train_samples:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
-    if data_args.max_eval_samples:
-        splits = {k: v.select(range(min(data_args.max_eval_samples, len(v)))) for k, v in splits.items()}
-    class_names = (
-        load_class_names(model_args.class_names)
-        if model_args.class_names
-        else class_names_of(train, data_args.label_column)
-    )
+    train, splits = load_train_and_eval_splits(data_args, seed=args.seed)
+    class_names = class_names_for(model_args.class_names, train, data_args.label_column)
 
     model = load_classifier(
         model_args.model_name_or_path,

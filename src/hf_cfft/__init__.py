@@ -5,7 +5,13 @@ from .build import classifier_from_clip, is_cfft_checkpoint, load_classifier
 from .callbacks import CounterfactualImagesCallback
 from .cam import CAM_METHODS, attention_rollout, compute_cam, grad_cam, normalize_cam
 from .config import CfftConfig
-from .data import CounterfactualCollator, CounterfactualTransform, precompute_cams, preprocess_images
+from .data import (
+    CounterfactualCollator,
+    CounterfactualTransform,
+    precompute_cams,
+    prepare_train_dataset,
+    preprocess_images,
+)
 from .evaluation import evaluate_splits, predict_logits
 from .losses import counterfactual_loss, feature_distillation_loss, logit_distillation_loss
 from .masking import FILL_KINDS, MASK_KINDS, cam_patch_mask, make_counterfactuals, random_patch_mask, refill
@@ -55,6 +61,7 @@ __all__ = [
     "normalize_cam",
     "precompute_cams",
     "predict_logits",
+    "prepare_train_dataset",
     "preprocess_images",
     "push_model_dir",
     "random_patch_mask",

@@ -24,8 +24,7 @@ from transformers.utils import logging
 from ._forward import call_as_forward
 from .cam import CamRecorder, compute_cam
 from .config import CfftConfig
-from .data import CounterfactualCollator, CounterfactualTransform, precompute_cams
-from .image_checks import drop_unreadable_images, undecoded
+from .data import CounterfactualCollator, prepare_train_dataset
 from .losses import counterfactual_loss
 from .masking import cam_patch_mask, make_counterfactuals
 from .modeling import ClipCfftForImageClassification
@@ -125,14 +124,12 @@ class CfftTrainer(Trainer):
     # ---- the data pipeline ----
 
     def _prepare_dataset(self, dataset):
-        """Raw images -> the method's train set: image checks, undecoded images, teacher CAMs, the transform.
+        """Raw images -> the method's train set (`hf_cfft.data.prepare_train_dataset`), as configured by ``args``.
 
-        ``dataset`` is a `datasets.Dataset` with ``image_column`` and ``label_column``. Unreadable images fail with
-        their names, or are dropped and counted in ``self.skipped_images`` (``args.skip_corrupt_images``). When the
-        config needs them, the frozen teacher's CAMs are computed once with ``Dataset.map`` (main process first, so
-        the others read its cache). The `CounterfactualTransform` then decodes, preprocesses and cuts the masks on
-        the fly. A dataset that already yields ``pixel_values`` (a format or transform set, or not a
-        `datasets.Dataset`) is returned unchanged.
+        Unreadable images fail with their names, or are dropped and counted in ``self.skipped_images``
+        (``args.skip_corrupt_images``). The teacher's CAMs are computed when the config needs them, main process
+        first, so the others read its cache. A dataset that already yields ``pixel_values`` (a format or transform
+        set, or not a `datasets.Dataset`) is returned unchanged.
         """
         if not isinstance(dataset, datasets.Dataset):
             return dataset
@@ -144,35 +141,25 @@ class CfftTrainer(Trainer):
                 "dataset (e.g. AutoImageProcessor.from_pretrained(model_name_or_path)), or a train_dataset that "
                 "already yields pixel_values"
             )
-        args, processor = self.args, self.processing_class
-        columns = {"image_column": self.image_column, "label_column": self.label_column}
-        dataset, self.skipped_images = drop_unreadable_images(
-            dataset, self.image_column, skip=args.skip_corrupt_images, check=args.image_check
-        )
-        dataset = undecoded(dataset, self.image_column)  # decoded in the transform, where a broken file gets its name
-        if args.needs_teacher_cams:
-            with args.main_process_first(desc="teacher CAMs"):
-                dataset = precompute_cams(
-                    dataset,
-                    self.accelerator.unwrap_model(self.teacher),
-                    processor,
-                    method=args.cam_method,
-                    batch_size=args.cam_batch_size,
-                    device=args.device,
-                    **columns,
-                )
-        model = self.accelerator.unwrap_model(self.model)
-        return dataset.with_transform(
-            CounterfactualTransform(
-                processor,
-                grid=model.patch_grid,
+        args = self.args
+        with args.main_process_first(desc="teacher CAMs", local=True):
+            dataset, self.skipped_images = prepare_train_dataset(
+                dataset,
+                self.processing_class,
+                model=self.accelerator.unwrap_model(self.model),
+                cam_teacher=self.accelerator.unwrap_model(self.teacher) if args.needs_teacher_cams else None,
                 mask_kind=args.mask_kind if args.uses_counterfactuals else "none",
                 mask_threshold=args.mask_threshold,
                 augment=args.augment,
-                num_labels=model.config.num_labels,
-                **columns,
+                cam_method=args.cam_method,
+                cam_batch_size=args.cam_batch_size,
+                image_check=args.image_check,
+                skip_corrupt_images=args.skip_corrupt_images,
+                image_column=self.image_column,
+                label_column=self.label_column,
+                device=args.device,
             )
-        )
+        return dataset
 
     # ---- optimisation switches for the paper's exact setting ----
 
@@ -276,25 +263,36 @@ class CfftTrainer(Trainer):
         cf_inputs = {} if counterfactuals is None else dict(zip(("cf_pixel_values", "cf_patch_keep"), counterfactuals))
         return unwrapped(pixel_values=pixel_values, **cf_inputs), counterfactuals
 
-    def _student_pass(self, model, inputs: dict[str, torch.Tensor], view: str):
-        """One forward of the (wrapped) student -> (outputs, the images distilled on as (pixels, keep) or None)."""
+    def _distilled_images(self, inputs: dict[str, torch.Tensor], view: str):
+        """The images the distillation term sees, as (pixels, keep), when known before the student runs; else None.
+
+        FT+FD/FT+KD distil on the clean images, CFFT on the collator's counterfactuals. With the student's own CAM
+        the counterfactuals are made inside its pass; a skipped batch and vanilla fine-tuning distil on nothing.
+        """
+        if view == "clean":
+            return inputs["pixel_values"], None
+        if view == "counterfactual" and not self.student_cams:
+            return self.counterfactual_batch(inputs)
+        return None
+
+    def _student_pass(self, model, inputs: dict[str, torch.Tensor], view: str, distilled):
+        """One forward of the (wrapped) student -> (outputs, the images distilled on as (pixels, keep) or None).
+
+        ``outputs.cf_image_embeds`` / ``cf_logits`` are the student's embeddings / logits of the distilled images.
+        """
         pixel_values = inputs["pixel_values"]
         if view == "counterfactual" and self.student_cams:
             unwrapped = self.accelerator.unwrap_model(model)
             own_cam_pass = functools.partial(self._student_pass_with_own_cam, unwrapped)
             return call_as_forward(model, unwrapped, own_cam_pass, pixel_values, inputs["labels"])
-        if view == "counterfactual":
-            counterfactuals = self.counterfactual_batch(inputs)
-            if counterfactuals is not None:
-                cf_pixel_values, cf_keep = counterfactuals
-                outputs = model(pixel_values=pixel_values, cf_pixel_values=cf_pixel_values, cf_patch_keep=cf_keep)
-                return outputs, counterfactuals
-            return model(pixel_values=pixel_values), None
+        if view == "counterfactual" and distilled is not None:
+            cf_pixel_values, cf_keep = distilled
+            outputs = model(pixel_values=pixel_values, cf_pixel_values=cf_pixel_values, cf_patch_keep=cf_keep)
+            return outputs, distilled
         outputs = model(pixel_values=pixel_values)
-        if view == "clean":  # FT+FD distils on the clean images: the clean pass is the distilled one
+        if view == "clean":  # the clean pass is the distilled one: no second forward
             outputs.cf_image_embeds, outputs.cf_logits = outputs.image_embeds, outputs.logits
-            return outputs, (pixel_values, None)
-        return outputs, None
+        return outputs, distilled
 
     def _teacher_pass(self, pixel_values: torch.Tensor, patch_keep: torch.Tensor | None) -> torch.Tensor:
         """f_hat(x): the frozen teacher's embeddings [B, D] (or logits [B, K] when distilling logits)."""
@@ -317,10 +315,14 @@ class CfftTrainer(Trainer):
             if self._micro_step_of != self.state.global_step:
                 self._micro_step_of, self._micro_step = self.state.global_step, 0
             self._micro_step += 1
-        outputs, distilled = self._student_pass(model, inputs, view)
-        teacher_out = student_out = None
+        distilled = self._distilled_images(inputs, view)
+        # The teacher first when its images are known: its short-lived activations then reuse memory that the
+        # student's pass needs next (docs/performance.md). The student's own CAM makes them inside its pass.
+        teacher_out = self._teacher_pass(*distilled) if distilled is not None else None
+        outputs, distilled = self._student_pass(model, inputs, view, distilled)
+        student_out = None
         if distilled is not None:
-            teacher_out = self._teacher_pass(*distilled)
+            teacher_out = teacher_out if teacher_out is not None else self._teacher_pass(*distilled)
             student_out = outputs.cf_logits if args.distill_target == "logits" else outputs.cf_image_embeds
         parts = counterfactual_loss(
             outputs.logits,

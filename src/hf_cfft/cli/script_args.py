@@ -95,6 +95,23 @@ def default_model(model_name_or_path: str | None, dataset_name: str, flag: str =
     return str(world_clip_path())
 
 
+def _truncated(dataset: Dataset, max_samples: int | None) -> Dataset:
+    return dataset.select(range(min(max_samples, len(dataset)))) if max_samples else dataset
+
+
+def load_train_and_eval_splits(data_args: DataArguments, seed: int) -> tuple[Dataset, dict[str, Dataset]]:
+    """The ``--train_split`` and ``--eval_splits``, truncated to ``--max_train_samples`` / ``--max_eval_samples``."""
+    splits = load_image_splits(
+        data_args.dataset_name,
+        [data_args.train_split, *data_args.eval_splits],
+        dataset_config=data_args.dataset_config,
+        data_dir=data_args.data_dir,
+        world_seed=seed,
+    )
+    train = _truncated(splits.pop(data_args.train_split), data_args.max_train_samples)
+    return train, {name: _truncated(split, data_args.max_eval_samples) for name, split in splits.items()}
+
+
 def load_eval_splits(data_args: DataArguments, seed: int) -> dict[str, Dataset]:
     """The ``--eval_splits`` as datasets (empty when none), each truncated to ``--max_eval_samples``."""
     if not data_args.eval_splits:
@@ -106,9 +123,7 @@ def load_eval_splits(data_args: DataArguments, seed: int) -> dict[str, Dataset]:
         data_dir=data_args.data_dir,
         world_seed=seed,
     )
-    if data_args.max_eval_samples:
-        splits = {k: v.select(range(min(data_args.max_eval_samples, len(v)))) for k, v in splits.items()}
-    return splits
+    return {name: _truncated(split, data_args.max_eval_samples) for name, split in splits.items()}
 
 
 def check_dataset_classes(splits: Mapping[str, Dataset], names: list[str], label_column: str, model_name: str) -> None:

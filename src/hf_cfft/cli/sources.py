@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from datasets import ClassLabel, Dataset, load_dataset
 
+from ..zeroshot import load_class_names
+
 WORLD = "world"
 
 
@@ -79,3 +81,8 @@ def class_names_of(dataset: Dataset, label_column: str = "label") -> list[str]:
             "pass class names explicitly (--class_names imagenet or a text file with one name per line)"
         )
     return list(feature.names)
+
+
+def class_names_for(class_names: str | None, dataset: Dataset, label_column: str = "label") -> list[str]:
+    """The ``--class_names`` option ('imagenet' or a file: `load_class_names`), else ``dataset``'s ClassLabel names."""
+    return load_class_names(class_names) if class_names else class_names_of(dataset, label_column)
