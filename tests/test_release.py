@@ -73,7 +73,7 @@ def test_model_cards_folder_holds_the_package_template_unchanged():
     copy = ROOT / "model_cards" / "cfft_clip_classifier.md"
     assert copy.read_bytes() == TEMPLATE_PATH.read_bytes(), (
         "model_cards/cfft_clip_classifier.md differs from the package template; edit "
-        "src/hf_cfft/templates/model_card.md and copy it over (see model_cards/README.md)"
+        "src/hf_cfft/release/templates/model_card.md and copy it over (see model_cards/README.md)"
     )
 
 

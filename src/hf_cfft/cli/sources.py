@@ -32,7 +32,7 @@ def load_image_splits(
     (``<dir>/<split>/<class>/<image>``), ``"imagefolder"`` with ``data_dir``, or a Hub dataset id.
     """
     if dataset_name == WORLD:
-        from .world import SPLITS, make_world_split
+        from ..world import SPLITS, make_world_split
 
         unknown = [s for s in splits if s not in SPLITS]
         if unknown:
