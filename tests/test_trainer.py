@@ -263,3 +263,21 @@ def test_lp_ft_stage_two_starts_from_the_stage_one_head(tmp_path):
     key = "vision_model.encoder.layers.0.mlp.fc1.weight"
     assert torch.equal(head1[key], zero_shot[key]) and torch.equal(head2[key], zero_shot[key])
     assert second["before fine-tuning"] == first["fine-tuned"]
+
+
+def test_forward_redirection_restores_an_instance_forward_even_after_an_error():
+    from hf_cfft._forward import call_as_forward
+
+    inner = torch.nn.Linear(2, 2)
+    patched = inner.forward  # accelerate's autocast wrapper is such an instance attribute
+    inner.forward = patched
+    wrapper = torch.nn.Sequential(inner)
+    assert call_as_forward(wrapper, inner, lambda x: x * 3, torch.ones(1)).tolist() == [3.0]
+    assert inner.__dict__["forward"] is patched
+
+    def fail(x):
+        raise RuntimeError("inside")
+
+    with pytest.raises(RuntimeError, match="inside"):
+        call_as_forward(wrapper, inner, fail, torch.ones(1))
+    assert inner.__dict__["forward"] is patched
