@@ -25,6 +25,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig
 from hf_cfft import CfftConfig, CfftTrainer
 from hf_cfft.cam import compute_cam
 from hf_cfft.data import CounterfactualCollator, CounterfactualTransform, precompute_cams, preprocess_images
+from hf_cfft.evaluation.report import markdown_table  # noqa: F401  (the benchmarks' tables)
 from hf_cfft.modeling import ClipCfftConfig, ClipCfftForImageClassification
 
 
@@ -369,11 +370,3 @@ def machine_description(device: torch.device) -> str:
     if allocator:
         text += f"; allocator settings {allocator}"
     return text
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A GitHub markdown table, numbers right-aligned."""
-    align = ["---"] + ["---:"] * (len(header) - 1)
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)

@@ -145,9 +145,7 @@ def read_rows(output_dir: Path) -> list[dict]:
     return rows
 
 
-def run(
-    seeds: list[int], shard: tuple[int, int], output_dir: Path, only: list[str] | None, extra: list[str]
-) -> None:
+def run(seeds: list[int], shard: tuple[int, int], output_dir: Path, only: list[str] | None, extra: list[str]) -> None:
     import hf_cfft.world as world
 
     # Render each world split once per process: every cell of a seed reads the same images.

@@ -19,17 +19,17 @@ import torch
 from transformers import AutoImageProcessor, HfArgumentParser
 
 from hf_cfft import is_cfft_checkpoint, load_class_names, load_classifier, load_templates
-from hf_cfft.imagenet_shifts import ID_SHIFT, SHIFTS, find_sources
-from hf_cfft.ood import (
+from hf_cfft.cli.script_args import default_model
+from hf_cfft.cli.sources import WORLD, class_names_for, load_image_splits
+from hf_cfft.evaluation import (
     RunResult,
     dataset_eval_sets,
-    evaluate_model,
+    evaluate_splits,
     imagenet_eval_sets,
-    load_eval_splits,
     subsample,
-    write_results,
+    write_robustness_report,
 )
-from hf_cfft.sources import WORLD, class_names_of
+from hf_cfft.evaluation.imagenet_shifts import ID_SHIFT, SHIFTS, find_sources
 
 
 @dataclass
@@ -109,12 +109,10 @@ def build_sets(args: EvalArguments):
         ood_splits = list(OOD_SPLITS)
     if id_split is None:
         raise ValueError("--id_split is required with --dataset_name (and --ood_splits for the shifted splits)")
-    splits = load_eval_splits(
+    splits = load_image_splits(
         dataset_name, [id_split, *ood_splits], dataset_config=args.dataset_config, world_seed=args.world_seed
     )
-    names = (
-        load_class_names(args.class_names) if args.class_names else class_names_of(splits[id_split], args.label_column)
-    )
+    names = class_names_for(args.class_names, splits[id_split], args.label_column)
     sets = dataset_eval_sets(splits, image_column=args.image_column, label_column=args.label_column)
     templates = WORLD if dataset_name == WORLD else "simple"
     return sets, id_split, list(ood_splits), names, templates, os.path.basename(os.path.normpath(dataset_name))
@@ -135,9 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     sets, id_name, ood_names, class_names, default_templates, benchmark = build_sets(args)
     if not args.model_name_or_path and args.benchmark is None and (args.dataset_name or WORLD) == WORLD:
-        from hf_cfft.world import world_clip_path
-
-        args.model_name_or_path = [str(world_clip_path())]
+        args.model_name_or_path = [default_model(None, WORLD)]
     if not args.model_name_or_path:
         raise ValueError("--model_name_or_path is required (one or more CLIP checkpoints or saved classifiers)")
     for s in sets:
@@ -149,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, path in zip(_run_names(args.model_name_or_path, args.run_names), args.model_name_or_path):
         model = load_classifier(path, class_names=class_names, templates=templates).to(device)
         image_processor = AutoImageProcessor.from_pretrained(path)
-        accuracy = evaluate_model(
+        accuracy = evaluate_splits(
             model,
             sets,
             image_processor,
@@ -161,7 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append(RunResult(name, path, zero_shot=not is_cfft_checkpoint(path), accuracy=accuracy))
         del model
 
-    report = write_results(args.output_dir, runs, sets, id_name=id_name, ood_names=ood_names, benchmark=benchmark)
+    report = write_robustness_report(
+        args.output_dir, runs, sets, id_name=id_name, ood_names=ood_names, benchmark=benchmark
+    )
     with open(os.path.join(args.output_dir, "results.md")) as f:
         print(f.read())
     return report

@@ -19,19 +19,21 @@ from transformers import AutoImageProcessor
 from hf_cfft import (
     CfftConfig,
     CfftTrainer,
-    CounterfactualTransform,
     is_cfft_checkpoint,
-    load_class_names,
     load_classifier,
     load_templates,
 )
 from hf_cfft.callbacks import CounterfactualImagesCallback
-from hf_cfft.checkpoints import resolve_resume_checkpoint
-from hf_cfft.data import precompute_cams
+from hf_cfft.cli.script_args import (
+    DataArguments,
+    default_model,
+    load_train_and_eval_splits,
+    parse_with_config,
+    write_results,
+)
+from hf_cfft.cli.sources import class_names_for
 from hf_cfft.evaluation import evaluate_splits
-from hf_cfft.image_checks import drop_unreadable_images, undecoded
-from hf_cfft.script_args import DataArguments, default_model, parse_with_config, write_results
-from hf_cfft.sources import class_names_of, load_image_splits
+from hf_cfft.release.checkpoints import resolve_resume_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "world.yaml"
 
@@ -71,23 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
     model_args.model_name_or_path = default_model(model_args.model_name_or_path, data_args.dataset_name)
 
-    splits = load_image_splits(
-        data_args.dataset_name,
-        [data_args.train_split, *data_args.eval_splits],
-        dataset_config=data_args.dataset_config,
-        data_dir=data_args.data_dir,
-        world_seed=args.seed,
-    )
-    train = splits.pop(data_args.train_split)
-    if data_args.max_train_samples:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
-    if data_args.max_eval_samples:
-        splits = {k: v.select(range(min(data_args.max_eval_samples, len(v)))) for k, v in splits.items()}
-    class_names = (
-        load_class_names(model_args.class_names)
-        if model_args.class_names
-        else class_names_of(train, data_args.label_column)
-    )
+    train, splits = load_train_and_eval_splits(data_args, seed=args.seed)
+    class_names = class_names_for(model_args.class_names, train, data_args.label_column)
 
     model = load_classifier(
         model_args.model_name_or_path,
@@ -97,51 +84,23 @@ def main(argv: list[str] | None = None) -> dict:
     )
     image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
     columns = {"image_column": data_args.image_column, "label_column": data_args.label_column}
-    train, skipped = drop_unreadable_images(
-        train, data_args.image_column, skip=data_args.skip_corrupt_images, check=data_args.image_check
-    )
-    if skipped:
-        print(f"Skipped {skipped} unreadable train image(s); training on {len(train)}.")
-    train = undecoded(train, data_args.image_column)  # decode in the transform, where a broken file gets its name
     teacher = None
     if model_args.teacher_name_or_path:
         teacher = load_classifier(model_args.teacher_name_or_path, class_names=class_names)
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if args.process_index == 0:
-        print(f"Training on {len(train)} images with {args.world_size} process(es) on {args.device}.")
     trainer = CfftTrainer(
-        model=model, args=args, teacher=teacher, train_dataset=train, processing_class=image_processor
+        model=model, args=args, teacher=teacher, train_dataset=train, processing_class=image_processor, **columns
     )
+    if trainer.skipped_images:
+        print(f"Skipped {trainer.skipped_images} unreadable train image(s); training on {len(trainer.train_dataset)}.")
+    if args.process_index == 0:
+        print(f"Training on {len(trainer.train_dataset)} images with {args.world_size} process(es) on {args.device}.")
     trainer.base_model, trainer.dataset_name = model_args.model_name_or_path, data_args.dataset_name
     trainer.ood_splits = data_args.ood_splits
     if "tensorboard" in args.report_to:  # pictures of the counterfactuals the student's CAM picks
         CounterfactualImagesCallback.from_dataset(
             train, image_processor, every_n_steps=max(1, int(args.logging_steps) * 10), **columns
         ).attach(trainer)
-
-    if args.needs_teacher_cams:
-        with args.main_process_first(desc="teacher CAMs"):
-            train = precompute_cams(
-                train,
-                trainer.teacher,
-                image_processor,
-                method=args.cam_method,
-                batch_size=args.cam_batch_size,
-                device=args.device,
-                **columns,
-            )
-    trainer.train_dataset = train.with_transform(
-        CounterfactualTransform(
-            image_processor,
-            grid=model.patch_grid,
-            mask_kind=args.mask_kind,
-            mask_threshold=args.mask_threshold,
-            mask_top_fraction=args.mask_top_fraction,
-            augment=args.augment,
-            num_labels=len(class_names),
-            **columns,
-        )
-    )
 
     results: dict[str, dict[str, float]] = {}
     evaluate_kwargs = dict(ood_splits=data_args.ood_splits, batch_size=args.per_device_eval_batch_size, **columns)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from transformers import AutoImageProcessor
 
 from hf_cfft import load_classifier
-from hf_cfft.evaluation import evaluate_splits
-from hf_cfft.script_args import (
+from hf_cfft.baselines.weight_averaging import class_names, uniform_soup
+from hf_cfft.cli.script_args import (
     SHARED_CONFIG_KEYS,
     DataArguments,
     check_dataset_classes,
@@ -29,8 +29,7 @@ from hf_cfft.script_args import (
     resolve_device,
     write_results,
 )
-from hf_cfft.soup import uniform_soup
-from hf_cfft.wise_ft import class_names
+from hf_cfft.evaluation import evaluate_splits
 
 SOUP_ROW = "uniform soup"
 

@@ -19,11 +19,17 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoImageProcessor
 
-from hf_cfft import load_class_names, load_classifier, load_templates, preprocess_images
+from hf_cfft import load_classifier, load_templates, preprocess_images
 from hf_cfft.build import is_cfft_checkpoint
+from hf_cfft.cli.script_args import (
+    SHARED_CONFIG_KEYS,
+    DataArguments,
+    default_model,
+    parse_with_config,
+    resolve_device,
+)
+from hf_cfft.cli.sources import WORLD, class_names_for, load_image_splits
 from hf_cfft.masking import FILL_KINDS
-from hf_cfft.script_args import SHARED_CONFIG_KEYS, DataArguments, parse_with_config, resolve_device
-from hf_cfft.sources import WORLD, class_names_of, load_image_splits
 from hf_cfft.visualize import VIS_MASK_KINDS, model_counterfactual_grid
 
 # What a finetune YAML may lend besides the dataset keys: the picture should show the masks that run would use.
@@ -63,12 +69,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.num_images < 1:
         raise ValueError(f"--num_images={args.num_images} must be >= 1")
     on_world = data_args.dataset_name == WORLD
-    if args.model_name_or_path is None:
-        if not on_world:
-            raise ValueError("--model_name_or_path is required outside the embedded world")
-        from hf_cfft.world import world_clip_path
-
-        args.model_name_or_path = str(world_clip_path())
+    args.model_name_or_path = default_model(args.model_name_or_path, data_args.dataset_name)
     dataset = load_image_splits(
         data_args.dataset_name, [args.split], dataset_config=data_args.dataset_config, data_dir=data_args.data_dir,
         world_seed=args.seed,
@@ -78,9 +79,7 @@ def main(argv: list[str] | None = None) -> str:
     if is_cfft_checkpoint(args.model_name_or_path):
         model = load_classifier(args.model_name_or_path)
     else:
-        names = (
-            load_class_names(args.class_names) if args.class_names else class_names_of(dataset, data_args.label_column)
-        )
+        names = class_names_for(args.class_names, dataset, data_args.label_column)
         templates = load_templates(args.templates or (WORLD if on_world else "simple"))
         model = load_classifier(args.model_name_or_path, class_names=names, templates=templates, show_progress=False)
     model = model.to(resolve_device(args.device)).eval()

@@ -21,19 +21,20 @@ from dataclasses import dataclass, field
 from transformers import AutoImageProcessor
 
 from hf_cfft import load_classifier, load_templates
-from hf_cfft.evaluation import evaluate_splits
-from hf_cfft.script_args import (
+from hf_cfft.baselines.weight_averaging import class_names, wise_ft
+from hf_cfft.cli.script_args import (
     SHARED_CONFIG_KEYS,
     DataArguments,
     check_dataset_classes,
+    default_model,
     evaluate_kwargs,
     load_eval_splits,
     parse_with_config,
     resolve_device,
     write_results,
 )
-from hf_cfft.sources import WORLD
-from hf_cfft.wise_ft import class_names, wise_ft
+from hf_cfft.cli.sources import WORLD
+from hf_cfft.evaluation import evaluate_splits
 
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 
@@ -80,13 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.save_models and not data_args.eval_splits:
         raise ValueError("nothing to do: pass --save_models, --eval_splits, or both")
     on_world = data_args.dataset_name == WORLD
-    zero_shot_path = args.zero_shot_model
-    if zero_shot_path is None:
-        if not on_world:
-            raise ValueError("--zero_shot_model is required outside the embedded world")
-        from hf_cfft.world import world_clip_path
-
-        zero_shot_path = str(world_clip_path())
+    zero_shot_path = default_model(args.zero_shot_model, data_args.dataset_name, flag="--zero_shot_model")
     templates = args.templates or (WORLD if on_world else "simple")
     device = resolve_device(args.device)
 

@@ -17,17 +17,18 @@ from dataclasses import dataclass, field
 from transformers import AutoImageProcessor
 
 from hf_cfft import load_class_names, load_classifier, load_templates
-from hf_cfft.evaluation import evaluate_splits
-from hf_cfft.script_args import (
+from hf_cfft.cli.script_args import (
     SHARED_CONFIG_KEYS,
     DataArguments,
+    default_model,
     evaluate_kwargs,
     load_eval_splits,
     parse_with_config,
     resolve_device,
     write_results,
 )
-from hf_cfft.sources import WORLD, class_names_of, load_image_splits
+from hf_cfft.cli.sources import WORLD, class_names_of, load_image_splits
+from hf_cfft.evaluation import evaluate_splits
 
 ZERO_SHOT_ROW = "zero-shot"
 
@@ -58,12 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.output_dir is None:
         raise ValueError("--output_dir is required")
     on_world = data_args.dataset_name == WORLD
-    if args.model_name_or_path is None:
-        if not on_world:
-            raise ValueError("--model_name_or_path is required outside the embedded world")
-        from hf_cfft.world import world_clip_path
-
-        args.model_name_or_path = str(world_clip_path())
+    args.model_name_or_path = default_model(args.model_name_or_path, data_args.dataset_name)
     splits = load_eval_splits(data_args, args.seed)
     if args.class_names:
         names = load_class_names(args.class_names)

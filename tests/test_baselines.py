@@ -14,10 +14,9 @@ from _builders import CLASSES, save_tiny_clip, write_imagefolder
 from safetensors.torch import load_file
 
 from hf_cfft import ClipCfftForImageClassification, load_classifier, load_templates
+from hf_cfft.baselines.weight_averaging import average_state_dicts, interpolate_state_dicts, uniform_soup, wise_ft
+from hf_cfft.cli.sources import load_image_splits
 from hf_cfft.evaluation import evaluate_splits
-from hf_cfft.soup import average_state_dicts, uniform_soup
-from hf_cfft.sources import load_image_splits
-from hf_cfft.wise_ft import interpolate_state_dicts, wise_ft
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ROOT / "recipes" / "configs" / "baselines"

@@ -17,8 +17,16 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from hf_cfft import classifier_from_clip, load_class_names
-from hf_cfft.evaluation import top1_accuracy
-from hf_cfft.imagenet_shifts import (
+from hf_cfft.evaluation import (
+    Protocol,
+    RunResult,
+    evaluate_splits,
+    imagenet_eval_sets,
+    robustness_fit,
+    shift_protocol,
+    top1_accuracy,
+)
+from hf_cfft.evaluation.imagenet_shifts import (
     SHIFTS,
     IncompleteShiftError,
     imagenet_a_indices,
@@ -28,16 +36,8 @@ from hf_cfft.imagenet_shifts import (
     objectnet_classes,
     shift_from_dataset,
 )
+from hf_cfft.evaluation.protocols import BorderCrop
 from hf_cfft.modeling import ClipCfftConfig, ClipCfftForImageClassification
-from hf_cfft.ood import (
-    BorderCrop,
-    Protocol,
-    RunResult,
-    evaluate_model,
-    imagenet_eval_sets,
-    robustness_fit,
-    shift_protocol,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = imagenet_wnids()
@@ -151,7 +151,7 @@ def test_protocol_refuses_a_head_of_the_wrong_width():
     hub = Dataset.from_dict({"image": _pil(1), "label": [6]})
     sets = imagenet_eval_sets({"imagenet_a": hub}, allow_partial=True, label_kind="imagenet")
     with pytest.raises(ValueError, match="scores 3 classes"):
-        evaluate_model(three_classes, sets, tiny_image_processor())
+        evaluate_splits(three_classes, sets, tiny_image_processor())
     assert Protocol().predict(np.array([[0.0, 2.0, 1.0]])).tolist() == [1]
 
 

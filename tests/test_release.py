@@ -27,9 +27,9 @@ from safetensors.torch import save_file
 from transformers import AutoModelForImageClassification, CLIPImageProcessor
 
 from hf_cfft import CfftConfig, CfftTrainer, CounterfactualTransform
-from hf_cfft.hub import HubPushError, files_to_upload, push_model_dir
-from hf_cfft.model_card import TEMPLATE_PATH, render_model_card, write_model_card
 from hf_cfft.modeling import ClipCfftForImageClassification
+from hf_cfft.release.hub import HubPushError, files_to_upload, push_model_dir
+from hf_cfft.release.model_card import TEMPLATE_PATH, render_model_card, write_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = {
@@ -73,7 +73,7 @@ def test_model_cards_folder_holds_the_package_template_unchanged():
     copy = ROOT / "model_cards" / "cfft_clip_classifier.md"
     assert copy.read_bytes() == TEMPLATE_PATH.read_bytes(), (
         "model_cards/cfft_clip_classifier.md differs from the package template; edit "
-        "src/hf_cfft/templates/model_card.md and copy it over (see model_cards/README.md)"
+        "src/hf_cfft/release/templates/model_card.md and copy it over (see model_cards/README.md)"
     )
 
 
@@ -285,7 +285,7 @@ def test_failed_push_keeps_every_local_file_and_prints_the_retry_command(
     folder = _release_dir(tiny_classifier, tmp_path / "my run")
     before = _snapshot(folder)
     api = _api(**failure)
-    monkeypatch.setattr("hf_cfft.hub.HfApi", lambda: api)
+    monkeypatch.setattr("hf_cfft.release.hub.HfApi", lambda: api)
 
     with pytest.raises(SystemExit) as exit_info:
         _push_recipe().main(["--model_dir", str(folder), "--repo_id", "me/clip-cfft", "--revision", "v1"])
@@ -297,7 +297,7 @@ def test_failed_push_keeps_every_local_file_and_prints_the_retry_command(
     message = capsys.readouterr().err
     step = "creating the repo" if "create_repo" in failure else "uploading"
     assert step in message and type(next(iter(failure.values()))).__name__ in message
-    retry = f"python recipes/push_to_hub.py --model_dir '{folder}' --repo_id me/clip-cfft --revision v1"
+    retry = f"python -m hf_cfft.release.push --model_dir '{folder}' --repo_id me/clip-cfft --revision v1"
     assert retry in message
 
     # Retrying with that command re-renders the same card, and the folder stays byte-identical.

@@ -181,7 +181,7 @@ def test_callback_writes_images_into_a_real_tensorboard_run(tiny_classifier, tmp
 def test_callback_from_dataset_decodes_an_undecoded_image_column(tiny_image_processor, tmp_path):
     from datasets import Image as ImageFeature
 
-    from hf_cfft.sources import load_image_splits
+    from hf_cfft.cli.sources import load_image_splits
 
     train = load_image_splits(str(write_imagefolder(tmp_path, splits=("train",), per_class=2)), ["train"])["train"]
     train = train.cast_column("image", ImageFeature(decode=False))  # as recipes/finetune.py keeps it

@@ -1,21 +1,30 @@
 """hf_cfft: counterfactual fine-tuning of CLIP image encoders (Xiao et al., CVPR 2023) on the Hugging Face stack."""
 
+from .baselines import uniform_soup, wise_ft
 from .build import classifier_from_clip, is_cfft_checkpoint, load_classifier
 from .callbacks import CounterfactualImagesCallback
 from .cam import CAM_METHODS, attention_rollout, compute_cam, grad_cam, normalize_cam
-from .checkpoints import latest_complete_checkpoint, resolve_resume_checkpoint
 from .config import CfftConfig
-from .data import CounterfactualCollator, CounterfactualTransform, precompute_cams, preprocess_images
+from .data import (
+    CounterfactualCollator,
+    CounterfactualTransform,
+    precompute_cams,
+    prepare_train_dataset,
+    preprocess_images,
+)
 from .evaluation import evaluate_splits, predict_logits
-from .hub import push_model_dir
 from .losses import counterfactual_loss, feature_distillation_loss, logit_distillation_loss
 from .masking import FILL_KINDS, MASK_KINDS, cam_patch_mask, make_counterfactuals, random_patch_mask, refill
-from .model_card import render_model_card, write_model_card
 from .modeling import ClipCfftConfig, ClipCfftForImageClassification, ClipCfftOutput
-from .soup import uniform_soup
+from .release import (
+    latest_complete_checkpoint,
+    push_model_dir,
+    render_model_card,
+    resolve_resume_checkpoint,
+    write_model_card,
+)
 from .trainer import CfftTrainer
 from .visualize import counterfactual_grid
-from .wise_ft import wise_ft
 from .zeroshot import build_zeroshot_weights, load_class_names, load_templates
 
 __version__ = "0.1.0"
@@ -52,6 +61,7 @@ __all__ = [
     "normalize_cam",
     "precompute_cams",
     "predict_logits",
+    "prepare_train_dataset",
     "preprocess_images",
     "push_model_dir",
     "random_patch_mask",

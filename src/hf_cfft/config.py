@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .cam import CAM_METHODS
+from .image_checks import CHECKS as IMAGE_CHECKS
 from .losses import DISTILL_TARGETS
 from .masking import FILL_KINDS, MASK_KINDS
 
@@ -97,6 +98,15 @@ class CfftConfig(TrainingArguments):
         },
     )
     cam_batch_size: int = field(default=64, metadata={"help": "Batch size of the teacher-CAM pre-computation pass."})
+    image_check: str = field(
+        default="verify",
+        metadata={
+            "help": "Check train images before training: 'verify' (file structure), 'decode' (every pixel), 'none'."
+        },
+    )
+    skip_corrupt_images: bool = field(
+        default=False, metadata={"help": "Drop unreadable train images (and report how many) instead of failing."}
+    )
 
     # Method-required defaults of TrainingArguments fields (TRL's idiom: defaults, not mutations in the trainer).
     remove_unused_columns: bool = field(
@@ -108,6 +118,13 @@ class CfftConfig(TrainingArguments):
     report_to: None | str | list[str] = field(
         default="none", metadata={"help": "Integrations to report to (e.g. 'tensorboard')."}
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's find_unused_parameters. Every student forward, the counterfactual pass included, runs "
+            "through the wrapped model and uses every trainable parameter, so the extra graph traversal is not needed."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -117,6 +134,7 @@ class CfftConfig(TrainingArguments):
         _choice("cam_source", self.cam_source, CAM_SOURCES)
         _choice("distill_target", self.distill_target, DISTILL_TARGETS)
         _choice("augment", self.augment, AUGMENTATIONS)
+        _choice("image_check", self.image_check, IMAGE_CHECKS)
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight={self.distill_weight} must be >= 0 (0 = vanilla fine-tuning)")
         if not 0 < self.mask_threshold < 1:
@@ -158,3 +176,8 @@ class CfftConfig(TrainingArguments):
     def needs_teacher_cams(self) -> bool:
         """Whether the train set needs a pre-computed ``cam`` column."""
         return self.uses_counterfactuals and self.mask_kind in ("object", "context") and self.cam_source == "teacher"
+
+    @property
+    def needs_student_cams(self) -> bool:
+        """Whether the model being trained computes the CAM that picks the masks, every step."""
+        return self.uses_counterfactuals and self.mask_kind in ("object", "context") and self.cam_source == "student"

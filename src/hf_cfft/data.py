@@ -1,6 +1,6 @@
 """Data steps: teacher-CAM pre-computation (``Dataset.map``), the ``with_transform`` step and the collator.
 
-    train Dataset --precompute_cams (map, cached)--> + "cam" column
+    train Dataset --drop_unreadable_images, undecoded--precompute_cams (map, cached)--> + "cam" column
         --with_transform(CounterfactualTransform)--> pixel_values, labels, cf_mask (object/context masks)
         --CounterfactualCollator--> pixel_values, labels, cf_pixel_values [, cf_patch_keep]
 
@@ -24,6 +24,7 @@ from datasets.fingerprint import Hasher
 from PIL import Image
 
 from .cam import compute_cam
+from .image_checks import drop_unreadable_images, undecoded
 from .masking import cam_patch_mask, make_counterfactuals, random_patch_mask
 
 
@@ -247,3 +248,48 @@ def precompute_cams(
     return dataset.map(
         add_cams, batched=True, batch_size=batch_size, new_fingerprint=fingerprint, desc=f"teacher CAMs ({method})"
     )
+
+
+def prepare_train_dataset(
+    dataset: Dataset,
+    image_processor: Callable,
+    *,
+    model: torch.nn.Module,
+    cam_teacher: torch.nn.Module | None = None,
+    mask_kind: str = "none",
+    mask_threshold: float = 0.3,
+    mask_top_fraction: float | None = None,
+    augment: str = "none",
+    cam_method: str = "rollout",
+    cam_batch_size: int = 64,
+    image_check: str = "verify",
+    skip_corrupt_images: bool = False,
+    image_column: str = "image",
+    label_column: str = "label",
+    device: torch.device | str | None = None,
+) -> tuple[Dataset, int]:
+    """A raw (image, label) dataset -> the train set of the method, and how many unreadable images were dropped.
+
+    Checks the images (``image_check``; unreadable ones raise, or are dropped with ``skip_corrupt_images``), leaves
+    them undecoded (the transform decodes them, naming a broken file), adds ``cam_teacher``'s CAMs (``Dataset.map``,
+    cached) when one is given, and sets the `CounterfactualTransform` for ``model``'s patch grid and classes.
+    """
+    columns = {"image_column": image_column, "label_column": label_column}
+    dataset, skipped = drop_unreadable_images(dataset, image_column, skip=skip_corrupt_images, check=image_check)
+    dataset = undecoded(dataset, image_column)
+    if cam_teacher is not None:
+        dataset = precompute_cams(
+            dataset, cam_teacher, image_processor, method=cam_method, batch_size=cam_batch_size, device=device,
+            **columns,
+        )  # fmt: skip
+    transform = CounterfactualTransform(
+        image_processor,
+        grid=model.patch_grid,
+        mask_kind=mask_kind,
+        mask_threshold=mask_threshold,
+        mask_top_fraction=mask_top_fraction,
+        augment=augment,
+        num_labels=model.config.num_labels,
+        **columns,
+    )
+    return dataset.with_transform(transform), skipped

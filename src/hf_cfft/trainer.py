@@ -10,21 +10,37 @@ never wrapped for DDP and never written into a checkpoint.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 from collections import defaultdict
 from pathlib import Path
 
+import datasets
 import torch
 from torch.optim.lr_scheduler import OneCycleLR
 from transformers import Trainer
+from transformers.utils import logging
 
+from ._forward import call_as_forward
 from .cam import CamRecorder, compute_cam
 from .config import CfftConfig
-from .data import CounterfactualCollator
+from .data import CounterfactualCollator, prepare_train_dataset
 from .losses import counterfactual_loss
 from .masking import cam_patch_mask, make_counterfactuals
-from .model_card import TRAINING_ARGS_JSON, write_model_card
 from .modeling import ClipCfftForImageClassification
+from .release.model_card import TRAINING_ARGS_JSON, write_model_card
+
+logger = logging.get_logger(__name__)
+
+# What the distillation term sees, fixed from the config when the trainer is built.
+DISTILL_VIEWS = ("counterfactual", "clean", "none")
+
+
+def distill_view(args: CfftConfig) -> str:
+    """'counterfactual' (CFFT, random-mask), 'clean' (FT+FD, FT+KD: mask_kind='none') or 'none' (vanilla FT)."""
+    if args.distill_weight == 0:
+        return "none"
+    return "counterfactual" if args.uses_counterfactuals else "clean"
 
 
 class CfftTrainer(Trainer):
@@ -35,7 +51,12 @@ class CfftTrainer(Trainer):
         args: a `CfftConfig`.
         teacher: the frozen pre-trained model f_hat. Defaults to a copy of ``model`` taken before training, which
             is the paper's choice; pass e.g. a WiSE-FT model to distil from something else.
+        train_dataset: a raw image dataset (``image_column`` + ``label_column``), which the trainer prepares (see
+            `_prepare_dataset`); a dataset that already yields ``pixel_values`` (a transform set, a list of dicts, a
+            torch dataset) is used as given.
+        processing_class: the checkpoint's image processor; needed to prepare a raw train dataset.
         data_collator: defaults to a `CounterfactualCollator` configured from ``args``.
+        image_column / label_column: the raw train dataset's columns.
         Other keyword arguments go to `transformers.Trainer`.
     """
 
@@ -50,6 +71,11 @@ class CfftTrainer(Trainer):
         args: CfftConfig,
         teacher: ClipCfftForImageClassification | None = None,
         data_collator=None,
+        train_dataset=None,
+        processing_class=None,
+        *,
+        image_column: str = "image",
+        label_column: str = "label",
         **kwargs,
     ):
         if not isinstance(args, CfftConfig):
@@ -59,6 +85,9 @@ class CfftTrainer(Trainer):
                 parameter.requires_grad_(name.startswith("classifier."))
         if teacher is None and args.distill_weight > 0:
             teacher = copy.deepcopy(model)
+        self.distill_view = distill_view(args)
+        # The student's own CAM picks the masks: counterfactuals are made inside its forward, not by the collator.
+        self.student_cams = self.distill_view == "counterfactual" and args.needs_student_cams
         if data_collator is None:
             data_collator = CounterfactualCollator(
                 mask_kind=args.mask_kind if args.uses_counterfactuals else "none",
@@ -67,18 +96,71 @@ class CfftTrainer(Trainer):
                 patch_size=model.config.vision_config.patch_size,
                 seed=args.seed,
             )
-        super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
         self.teacher = None
         if teacher is not None:
             teacher.requires_grad_(False).eval()
             self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self.image_column, self.label_column = image_column, label_column
+        self.skipped_images = 0
+        if train_dataset is not None:
+            self.train_dataset = self._prepare_dataset(train_dataset)
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._skipped_counterfactual_batches = 0
         # What the model card reports beyond the args; recipes set them (eval_results before the final save).
         self.base_model: str | None = None
         self.dataset_name: str | None = None
         self.eval_results: dict[str, dict[str, float]] | None = None
         self.ood_splits: list[str] | None = None
         self._micro_step, self._micro_step_of = 0, -1
+
+    # ---- the data pipeline ----
+
+    def _prepare_dataset(self, dataset):
+        """Raw images -> the method's train set (`hf_cfft.data.prepare_train_dataset`), as configured by ``args``.
+
+        Unreadable images fail with their names, or are dropped and counted in ``self.skipped_images``
+        (``args.skip_corrupt_images``). The teacher's CAMs are computed when the config needs them, main process
+        first, so the others read its cache. A dataset that already yields ``pixel_values`` (a format or transform
+        set, or not a `datasets.Dataset`) is returned unchanged.
+        """
+        if not isinstance(dataset, datasets.Dataset):
+            return dataset
+        if dataset.format["type"] is not None or "pixel_values" in dataset.column_names:
+            return dataset
+        if self.processing_class is None:
+            raise ValueError(
+                "CfftTrainer needs processing_class=<the checkpoint's image processor> to prepare a raw image "
+                "dataset (e.g. AutoImageProcessor.from_pretrained(model_name_or_path)), or a train_dataset that "
+                "already yields pixel_values"
+            )
+        args = self.args
+        with args.main_process_first(desc="teacher CAMs", local=True):
+            dataset, self.skipped_images = prepare_train_dataset(
+                dataset,
+                self.processing_class,
+                model=self.accelerator.unwrap_model(self.model),
+                cam_teacher=self.accelerator.unwrap_model(self.teacher) if args.needs_teacher_cams else None,
+                mask_kind=args.mask_kind if args.uses_counterfactuals else "none",
+                mask_threshold=args.mask_threshold,
+                mask_top_fraction=args.mask_top_fraction,
+                augment=args.augment,
+                cam_method=args.cam_method,
+                cam_batch_size=args.cam_batch_size,
+                image_check=args.image_check,
+                skip_corrupt_images=args.skip_corrupt_images,
+                image_column=self.image_column,
+                label_column=self.label_column,
+                device=args.device,
+            )
+        return dataset
 
     # ---- optimisation switches for the paper's exact setting ----
 
@@ -108,7 +190,7 @@ class CfftTrainer(Trainer):
         self._created_lr_scheduler = True
         return self.lr_scheduler
 
-    # ---- the objective ----
+    # ---- the objective: one student pass, one teacher pass, one loss call ----
 
     def _student_cam_from_training_forward(self, unwrapped) -> bool:
         """Whether the student's CAM can be read off its training forward (`CamRecorder`) instead of an extra pass.
@@ -120,36 +202,102 @@ class CfftTrainer(Trainer):
         dropout = getattr(unwrapped.config.vision_config, "attention_dropout", 0.0)
         return not (dropout or args.gradient_checkpointing or args.torch_compile)
 
-    def _student_counterfactuals(self, model, pixel_values: torch.Tensor, labels: torch.Tensor):
-        """CAM of the model being trained -> masks -> refilled images, seeded by (seed, step, process, micro-step).
+    def counterfactual_batch(
+        self, inputs: dict[str, torch.Tensor], cam: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The batch's counterfactual images ``(cf_pixel_values [B, C, H, W], cf_patch_keep [B, h * w] or None)``.
 
-        Returns (cf_pixel_values, patch_keep or None, clean outputs or None). When possible the CAM comes from the
-        training forward on the clean images, whose outputs are returned so that the caller does not run it again:
-        that saves the separate eager forward `compute_cam` needs (docs/performance.md).
+        They come from the collator (masks cut from cached teacher CAMs, or random masks), or, given the student's
+        ``cam`` [B, h, w], are cut and refilled here, seeded by (seed, step, process, micro-step) so that a resumed
+        run draws the same refills. Returns None, counted in ``train/skipped_counterfactual_batches``, only for a
+        batch of one image that has no partner to refill from; any other batch without counterfactuals raises.
         """
-        unwrapped = self.accelerator.unwrap_model(model)
-        clean_outputs = None
-        if self._student_cam_from_training_forward(unwrapped):
-            with CamRecorder(unwrapped, self.args.cam_method) as recorder:
-                clean_outputs = model(pixel_values=pixel_values)
-            cam = recorder.cam(clean_outputs.logits, labels)
-        else:
-            cam = compute_cam(unwrapped, pixel_values, labels, self.args.cam_method)
-        mask = cam_patch_mask(cam, self.args.mask_kind, self.args.mask_threshold, self.args.mask_top_fraction).cpu()
-        # Keyed by optimizer step and micro-step, not a running counter, so a resumed run draws the same refills.
-        key = f"{self.args.seed}/{self.state.global_step}/{self.args.process_index}/{self._micro_step}"
+        args, pixel_values = self.args, inputs["pixel_values"]
+        if cam is None and "cf_pixel_values" in inputs:
+            return inputs["cf_pixel_values"], inputs.get("cf_patch_keep")
+        if args.fill_kind != "none" and pixel_values.shape[0] < 2:
+            self._skipped_counterfactual_batches += 1
+            if self._skipped_counterfactual_batches == 1:
+                logger.warning(
+                    "A batch of one image has no partner to refill its %s-fill counterfactual from: it is trained "
+                    "without the distillation term, and counted in skipped_counterfactual_batches. Keep "
+                    "dataloader_drop_last=True to avoid such batches",
+                    args.fill_kind,
+                )
+            return None
+        if cam is None:
+            source = (
+                "the transform found no 'cam' column: pass the raw dataset (the trainer computes the teacher CAMs) or "
+                "run hf_cfft.precompute_cams on it first"
+                if args.needs_teacher_cams
+                else "use hf_cfft's CounterfactualCollator (the trainer's default data_collator)"
+            )
+            raise ValueError(
+                f"mask_kind={args.mask_kind!r} with cam_source={args.cam_source!r} distils on counterfactual images, "
+                f"but the batch has none (keys: {sorted(inputs)}): {source}. Training on without them would be "
+                "vanilla fine-tuning"
+            )
+        patch_size = self.accelerator.unwrap_model(self.model).config.vision_config.patch_size
+        mask = cam_patch_mask(cam, args.mask_kind, args.mask_threshold, args.mask_top_fraction).cpu()
+        key = f"{args.seed}/{self.state.global_step}/{args.process_index}/{self._micro_step}"
         seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
         generator = torch.Generator().manual_seed(seed)
-        cf, keep = make_counterfactuals(
-            pixel_values,
-            mask.to(pixel_values.device),
-            self.args.fill_kind,
-            unwrapped.config.vision_config.patch_size,
-            generator,
-        )
-        return cf, keep, clean_outputs
+        return make_counterfactuals(pixel_values, mask.to(pixel_values.device), args.fill_kind, patch_size, generator)
 
-    def _teacher_outputs(self, pixel_values: torch.Tensor, patch_keep: torch.Tensor | None) -> torch.Tensor:
+    def _student_pass_with_own_cam(self, unwrapped, pixel_values: torch.Tensor, labels: torch.Tensor):
+        """The student's CAM -> counterfactuals -> their embeddings; runs as the wrapped model's forward.
+
+        When possible the CAM is read off the training forward on the clean images (`CamRecorder`), which saves the
+        separate eager forward `compute_cam` needs (docs/performance.md). Returns (outputs, counterfactuals or None).
+        """
+        inputs = {"pixel_values": pixel_values, "labels": labels}
+        if self._student_cam_from_training_forward(unwrapped):
+            with CamRecorder(unwrapped, self.args.cam_method) as recorder:
+                outputs = unwrapped(pixel_values=pixel_values)
+            counterfactuals = self.counterfactual_batch(inputs, cam=recorder.cam(outputs.logits, labels))
+            if counterfactuals is not None:
+                # The counterfactual pass only embeds, under the training forward's autocast.
+                with self.accelerator.autocast():
+                    outputs.cf_image_embeds = unwrapped.get_image_features(*counterfactuals)
+                    outputs.cf_logits = unwrapped.logits_from_features(outputs.cf_image_embeds)
+            return outputs, counterfactuals
+        cam = compute_cam(unwrapped, pixel_values, labels, self.args.cam_method)
+        counterfactuals = self.counterfactual_batch(inputs, cam=cam)
+        cf_inputs = {} if counterfactuals is None else dict(zip(("cf_pixel_values", "cf_patch_keep"), counterfactuals))
+        return unwrapped(pixel_values=pixel_values, **cf_inputs), counterfactuals
+
+    def _distilled_images(self, inputs: dict[str, torch.Tensor], view: str):
+        """The images the distillation term sees, as (pixels, keep), when known before the student runs; else None.
+
+        FT+FD/FT+KD distil on the clean images, CFFT on the collator's counterfactuals. With the student's own CAM
+        the counterfactuals are made inside its pass; a skipped batch and vanilla fine-tuning distil on nothing.
+        """
+        if view == "clean":
+            return inputs["pixel_values"], None
+        if view == "counterfactual" and not self.student_cams:
+            return self.counterfactual_batch(inputs)
+        return None
+
+    def _student_pass(self, model, inputs: dict[str, torch.Tensor], view: str, distilled):
+        """One forward of the (wrapped) student -> (outputs, the images distilled on as (pixels, keep) or None).
+
+        ``outputs.cf_image_embeds`` / ``cf_logits`` are the student's embeddings / logits of the distilled images.
+        """
+        pixel_values = inputs["pixel_values"]
+        if view == "counterfactual" and self.student_cams:
+            unwrapped = self.accelerator.unwrap_model(model)
+            own_cam_pass = functools.partial(self._student_pass_with_own_cam, unwrapped)
+            return call_as_forward(model, unwrapped, own_cam_pass, pixel_values, inputs["labels"])
+        if view == "counterfactual" and distilled is not None:
+            cf_pixel_values, cf_keep = distilled
+            outputs = model(pixel_values=pixel_values, cf_pixel_values=cf_pixel_values, cf_patch_keep=cf_keep)
+            return outputs, distilled
+        outputs = model(pixel_values=pixel_values)
+        if view == "clean":  # the clean pass is the distilled one: no second forward
+            outputs.cf_image_embeds, outputs.cf_logits = outputs.image_embeds, outputs.logits
+        return outputs, distilled
+
+    def _teacher_pass(self, pixel_values: torch.Tensor, patch_keep: torch.Tensor | None) -> torch.Tensor:
         """f_hat(x): the frozen teacher's embeddings [B, D] (or logits [B, K] when distilling logits)."""
         # accelerate's autocast wraps only ``forward``; get_image_features needs it explicitly, or a bf16 run would
         # run its teacher in fp32. Inference mode: a frozen model needs no autograd bookkeeping at all.
@@ -160,61 +308,30 @@ class CfftTrainer(Trainer):
         return out.clone()  # an inference tensor cannot be saved for the loss's backward
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """CE on clean images + beta * distillation on counterfactuals; logs both parts separately.
+        """CE on clean images + beta * distillation on the distilled view; logs both parts separately.
 
         ``num_items_in_batch`` is accepted for the Trainer's signature; both terms are per-batch means.
         """
-        args = self.args
-        pixel_values, labels = inputs["pixel_values"], inputs["labels"]
-        cf_pixel_values, cf_keep = inputs.get("cf_pixel_values"), inputs.get("cf_patch_keep")
-        distill = model.training and self.teacher is not None and args.distill_weight > 0
-        clean_outputs = None
+        args, labels = self.args, inputs["labels"]
+        view = self.distill_view if model.training else "none"
         if model.training:
             if self._micro_step_of != self.state.global_step:
                 self._micro_step_of, self._micro_step = self.state.global_step, 0
             self._micro_step += 1
-        if distill and args.uses_counterfactuals and cf_pixel_values is None:
-            if args.mask_kind in ("object", "context") and args.cam_source == "student":
-                cf_pixel_values, cf_keep, clean_outputs = self._student_counterfactuals(model, pixel_values, labels)
-            elif args.needs_teacher_cams and pixel_values.shape[0] >= 2:
-                raise ValueError(
-                    f"mask_kind={args.mask_kind!r} with cam_source='teacher' needs a 'cam' column in the train set; "
-                    "run hf_cfft.precompute_cams on it first (recipes/finetune.py does)"
-                )
-            else:
-                distill = False  # a batch of one image has no partner to refill from
-
-        teacher_cf = None
-        if distill:
-            # Before the student's (remaining) forward: the same result, and on CPU ~8% faster per step, as the
-            # teacher's short-lived activations then reuse memory that the student's pass needs next instead of
-            # growing the heap past the student's saved activations (docs/performance.md).
-            counterfactual = args.uses_counterfactuals  # else FT+FD: distil on the clean images
-            teacher_cf = self._teacher_outputs(
-                cf_pixel_values if counterfactual else pixel_values, cf_keep if counterfactual else None
-            )
-
-        if distill and args.uses_counterfactuals and clean_outputs is not None:
-            # The clean forward already ran through the wrapped model (its graph gave the CAM); the counterfactual
-            # pass only embeds, under the same autocast, and its gradients reach the same parameters.
-            outputs, unwrapped = clean_outputs, self.accelerator.unwrap_model(model)
-            with self.accelerator.autocast():
-                outputs.cf_image_embeds = student_cf = unwrapped.get_image_features(cf_pixel_values, cf_keep)
-                outputs.cf_logits = student_cf_logits = unwrapped.logits_from_features(student_cf)
-        elif distill and args.uses_counterfactuals:
-            outputs = model(pixel_values=pixel_values, cf_pixel_values=cf_pixel_values, cf_patch_keep=cf_keep)
-            student_cf, student_cf_logits = outputs.cf_image_embeds, outputs.cf_logits
-        else:
-            outputs = model(pixel_values=pixel_values)
-            # FT+FD distils on the clean images: reuse the clean pass instead of a second forward.
-            student_cf, student_cf_logits = outputs.image_embeds, outputs.logits
-        if distill and args.distill_target == "logits":
-            student_cf = student_cf_logits
+        distilled = self._distilled_images(inputs, view)
+        # The teacher first when its images are known: its short-lived activations then reuse memory that the
+        # student's pass needs next (docs/performance.md). The student's own CAM makes them inside its pass.
+        teacher_out = self._teacher_pass(*distilled) if distilled is not None else None
+        outputs, distilled = self._student_pass(model, inputs, view, distilled)
+        student_out = None
+        if distilled is not None:
+            teacher_out = teacher_out if teacher_out is not None else self._teacher_pass(*distilled)
+            student_out = outputs.cf_logits if args.distill_target == "logits" else outputs.cf_image_embeds
         parts = counterfactual_loss(
             outputs.logits,
             labels,
-            student_cf if distill else None,
-            teacher_cf,
+            student_out,
+            teacher_out,
             distill_weight=args.distill_weight,
             distill_target=args.distill_target,
             temperature=args.kd_temperature,
@@ -223,12 +340,12 @@ class CfftTrainer(Trainer):
         if model.training and not torch.isfinite(parts["loss"]):
             self._stop_on_non_finite_loss(parts)
         self._metrics[f"{mode}/task_loss"].append(parts["task_loss"].item())
-        if distill:
+        if distilled is not None:
             self._metrics[f"{mode}/distill_loss"].append(parts["distill_loss"].item())
         return (parts["loss"], outputs) if return_outputs else parts["loss"]
 
     def _stop_on_non_finite_loss(self, parts: dict[str, torch.Tensor]) -> None:
-        from .checkpoints import latest_complete_checkpoint
+        from .release.checkpoints import latest_complete_checkpoint
 
         last = latest_complete_checkpoint(self.args.output_dir)
         raise FloatingPointError(
@@ -245,6 +362,9 @@ class CfftTrainer(Trainer):
         for key in [k for k in self._metrics if k.startswith(mode + "/")]:
             values = self._metrics.pop(key)
             logs[prefix + key.split("/", 1)[1]] = sum(values) / len(values)
+        if mode == "train" and self._skipped_counterfactual_batches:
+            # Reported as train/skipped_counterfactual_batches by the logging integrations: a running total.
+            logs["skipped_counterfactual_batches"] = self._skipped_counterfactual_batches
         super().log(logs, start_time)
 
     # ---- release: a model card next to every saved model and checkpoint ----

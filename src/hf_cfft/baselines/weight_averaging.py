@@ -1,4 +1,6 @@
-"""WiSE-FT (Wortsman et al., CVPR 2022): interpolate the weights of a zero-shot and a fine-tuned classifier.
+"""Weight averaging of classifiers fine-tuned from one pre-trained model: WiSE-FT and uniform soups share one average.
+
+WiSE-FT (Wortsman et al., CVPR 2022) interpolates the weights of a zero-shot and a fine-tuned classifier:
 
     theta(alpha) = (1 - alpha) * theta_zero_shot + alpha * theta_fine_tuned
 
@@ -10,11 +12,12 @@ two fine-tunings of the same pre-trained model with the same head layout, which 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from .modeling import ClipCfftForImageClassification
+from ..modeling import ClipCfftForImageClassification
 
 # Config fields that decide the computation (not just the tensor shapes): two models that differ in any of them
 # cannot share weights even when every shape matches (e.g. 8 heads of 64 vs 4 heads of 128).
@@ -99,37 +102,63 @@ def check_same_keys(state_dicts: Mapping[str, Mapping[str, torch.Tensor]]) -> No
                 raise ValueError(f"tensor {key!r} has shape {shapes}")
 
 
+def average_state_dicts(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The weighted mean sum_i w_i * sd_i of N state dicts with the same keys and shapes -> a new state dict.
+
+    ``weights`` default to uniform (a soup: summed in float64 and divided once, so many models lose no bits to
+    accumulation). A weight of 1 with all others 0 returns exact copies of that state dict (WiSE-FT's end points).
+    Floating tensors are mixed in at least float32 and cast to the promoted dtype of the inputs; non-floating
+    tensors (integer buffers) must be equal and are copied. ``names`` label the state dicts in error messages.
+    """
+    if len(state_dicts) == 0:
+        raise ValueError("averaging weights needs at least one model")
+    names = list(names) if names is not None else [f"model {i}" for i in range(len(state_dicts))]
+    if weights is not None and len(weights) != len(state_dicts):
+        raise ValueError(f"got {len(weights)} weights for {len(state_dicts)} state dicts")
+    check_same_keys(dict(zip(names, state_dicts)))
+    first = state_dicts[0]
+    only = None if weights is None else [i for i, w in enumerate(weights) if w != 0]
+    averaged = {}
+    for key, ref in first.items():
+        tensors = [sd[key].to(ref.device) for sd in state_dicts]
+        if not all(t.is_floating_point() for t in tensors):
+            if not all(torch.equal(ref, t) for t in tensors[1:]):
+                raise ValueError(f"non-floating tensor {key!r} differs between the models; they are not compatible")
+            averaged[key] = ref.clone()
+            continue
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+        if len(tensors) == 1 or (only is not None and len(only) == 1 and weights[only[0]] == 1):
+            # Copies, not 1 * x + 0 * y evaluated in floating point, which may round.
+            averaged[key] = tensors[0 if only is None else only[0]].to(dtype, copy=True)
+        elif weights is None:
+            total = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
+            for tensor in tensors:
+                total += tensor.to(torch.float64)
+            averaged[key] = (total / len(tensors)).to(dtype)
+        else:
+            work = torch.promote_types(dtype, torch.float32)
+            mixed = sum(float(w) * t.to(work) for w, t in zip(weights, tensors))
+            averaged[key] = mixed.to(dtype)
+    return averaged
+
+
 def interpolate_state_dicts(
     zero_shot_sd: Mapping[str, torch.Tensor], fine_tuned_sd: Mapping[str, torch.Tensor], alpha: float
 ) -> dict[str, torch.Tensor]:
-    """(1 - alpha) * zero_shot + alpha * fine_tuned for every floating tensor; exact copies at alpha 0 and 1.
-
-    Non-floating tensors (integer buffers) must be equal in both and are copied. Half-precision tensors are mixed in
-    float32 and cast back. The returned tensors are new (cloned), so the inputs are never aliased.
-    """
+    """(1 - alpha) * zero_shot + alpha * fine_tuned (`average_state_dicts`); exact copies at alpha 0 and 1."""
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must lie in [0, 1] (0 = zero-shot, 1 = fine-tuned)")
-    check_same_keys({"the zero-shot state dict": zero_shot_sd, "the fine-tuned state dict": fine_tuned_sd})
-    merged = {}
-    for key, zs in zero_shot_sd.items():
-        ft = fine_tuned_sd[key]
-        if not (zs.is_floating_point() and ft.is_floating_point()):
-            if not torch.equal(zs, ft.to(zs.device)):
-                raise ValueError(f"non-floating tensor {key!r} differs between the models; they are not compatible")
-            merged[key] = zs.clone()
-            continue
-        dtype = torch.promote_types(zs.dtype, ft.dtype)
-        # The end points are copies, not (1 - a) * x + a * y evaluated in floating point, which may round.
-        if alpha == 0.0:
-            merged[key] = zs.to(dtype, copy=True)
-        elif alpha == 1.0:
-            merged[key] = ft.to(zs.device, dtype, copy=True)
-        else:
-            work = torch.promote_types(dtype, torch.float32)
-            mixed = (1.0 - alpha) * zs.to(work) + alpha * ft.to(zs.device, work)
-            merged[key] = mixed.to(dtype)
-    return merged
+    return average_state_dicts(
+        [zero_shot_sd, fine_tuned_sd],
+        [1.0 - alpha, alpha],
+        names=["the zero-shot state dict", "the fine-tuned state dict"],
+    )
 
 
 def wise_ft(
@@ -145,3 +174,24 @@ def wise_ft(
     merged = copy.deepcopy(fine_tuned_model)
     merged.load_state_dict(weights)
     return merged.eval()
+
+
+def uniform_soup(
+    models: Sequence[ClipCfftForImageClassification], names: Sequence[str] | None = None
+) -> ClipCfftForImageClassification:
+    """A new classifier with the mean weights of ``models`` (config, device and dtype of the first), in eval mode.
+
+    ``names`` (e.g. the folders the models came from) only label the error raised for mismatched models.
+    """
+    if len(models) == 0:
+        raise ValueError("a soup needs at least one model")
+    names = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
+    if len(names) != len(models):
+        raise ValueError(f"got {len(names)} names for {len(models)} models")
+    if len(set(names)) < len(names):
+        names = [f"{name} (#{i})" for i, name in enumerate(names)]  # keep every model in the check
+    check_compatible(dict(zip(names, models)))
+    weights = average_state_dicts([model.state_dict() for model in models])
+    soup = copy.deepcopy(models[0])
+    soup.load_state_dict(weights)
+    return soup.eval()

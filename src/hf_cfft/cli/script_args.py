@@ -1,12 +1,12 @@
 """What the recipes share: dataset flags, YAML configs under CLI flags, evaluation splits and result files.
 
-Like TRL's ``ScriptArguments``, this lives in the library so that every recipe stays a thin script and no recipe
-imports another.
+Like TRL's ``ScriptArguments``, this ships with the package (``hf_cfft.cli``, never imported by the library) so that
+every recipe stays a thin script and no recipe imports another.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -16,11 +16,13 @@ import yaml
 from datasets import Dataset
 from transformers import HfArgumentParser
 
-from .evaluation import results_table
+from ..evaluation import results_table, write_report
 from .sources import WORLD, class_names_of, load_image_splits
 
 # Keys a fine-tuning YAML lends to the post-hoc recipes (WiSE-FT, soups, zero-shot, pictures): the data and the
 # model, never its output_dir, so their results cannot land in the training run's folder.
+logger = logging.getLogger(__name__)
+
 SHARED_CONFIG_KEYS = frozenset(
     {"model_name_or_path", "class_names", "templates", "seed", "per_device_eval_batch_size"}
 )
@@ -34,6 +36,13 @@ class DataArguments:
         default=WORLD, metadata={"help": "'world', an ImageFolder directory, 'imagefolder' + data_dir, or a Hub id."}
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    world_train_correlation: float | None = field(
+        default=None,
+        metadata={
+            "help": "The embedded world only: share of train images on their class's own context (default 0.9; "
+            "0.1 makes the context independent of the class)."
+        },
+    )
     data_dir: str | None = field(default=None, metadata={"help": "data_dir passed to datasets.load_dataset."})
     train_split: str = field(default="train", metadata={"help": "Split to fine-tune on."})
     eval_splits: list[str] = field(default_factory=list, metadata={"help": "Splits to evaluate (ID first)."})
@@ -43,15 +52,6 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the train split (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate each eval split."})
     evaluate_zero_shot: bool = field(default=True, metadata={"help": "Also evaluate the model before fine-tuning."})
-    image_check: str = field(
-        default="verify",
-        metadata={
-            "help": "Check train images before training: 'verify' (file structure), 'decode' (every pixel), 'none'."
-        },
-    )
-    skip_corrupt_images: bool = field(
-        default=False, metadata={"help": "Drop unreadable train images (and report how many) instead of failing."}
-    )
 
 
 def parse_with_config(
@@ -88,17 +88,36 @@ def parse_with_config(
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
 
 
-def default_model(model_name_or_path: str | None, dataset_name: str) -> str:
-    """``model_name_or_path``, or the tiny CLIP shipped for the embedded world when none is given there."""
+def default_model(model_name_or_path: str | None, dataset_name: str, flag: str = "--model_name_or_path") -> str:
+    """``model_name_or_path``, or the tiny CLIP shipped for the embedded world when none is given there.
+
+    ``flag`` names the recipe's option in the error raised outside the world.
+    """
     if model_name_or_path is not None:
         return model_name_or_path
     if dataset_name != WORLD:
-        raise ValueError(
-            "--model_name_or_path is required outside the embedded world (e.g. openai/clip-vit-base-patch32)"
-        )
-    from .world import world_clip_path
+        raise ValueError(f"{flag} is required outside the embedded world (e.g. openai/clip-vit-base-patch32)")
+    from ..world import world_clip_path
 
     return str(world_clip_path())
+
+
+def _truncated(dataset: Dataset, max_samples: int | None) -> Dataset:
+    return dataset.select(range(min(max_samples, len(dataset)))) if max_samples else dataset
+
+
+def load_train_and_eval_splits(data_args: DataArguments, seed: int) -> tuple[Dataset, dict[str, Dataset]]:
+    """The ``--train_split`` and ``--eval_splits``, truncated to ``--max_train_samples`` / ``--max_eval_samples``."""
+    splits = load_image_splits(
+        data_args.dataset_name,
+        [data_args.train_split, *data_args.eval_splits],
+        dataset_config=data_args.dataset_config,
+        data_dir=data_args.data_dir,
+        world_seed=seed,
+        world_train_correlation=data_args.world_train_correlation,
+    )
+    train = _truncated(splits.pop(data_args.train_split), data_args.max_train_samples)
+    return train, {name: _truncated(split, data_args.max_eval_samples) for name, split in splits.items()}
 
 
 def load_eval_splits(data_args: DataArguments, seed: int) -> dict[str, Dataset]:
@@ -112,9 +131,7 @@ def load_eval_splits(data_args: DataArguments, seed: int) -> dict[str, Dataset]:
         data_dir=data_args.data_dir,
         world_seed=seed,
     )
-    if data_args.max_eval_samples:
-        splits = {k: v.select(range(min(data_args.max_eval_samples, len(v)))) for k, v in splits.items()}
-    return splits
+    return {name: _truncated(split, data_args.max_eval_samples) for name, split in splits.items()}
 
 
 def check_dataset_classes(splits: Mapping[str, Dataset], names: list[str], label_column: str, model_name: str) -> None:
@@ -136,8 +153,8 @@ def check_dataset_classes(splits: Mapping[str, Dataset], names: list[str], label
             )
         if dataset_names != names:
             differ = [(a, b) for a, b in zip(dataset_names, names) if a != b]
-            print(
-                f"Warning: {len(differ)} class names of split {split!r} differ from {model_name}'s, e.g. "
+            logger.warning(
+                f"{len(differ)} class names of split {split!r} differ from {model_name}'s, e.g. "
                 f"{differ[0][0]!r} vs {differ[0][1]!r}; scores assume the same class order"
             )
 
@@ -156,13 +173,7 @@ def evaluate_kwargs(data_args: DataArguments, batch_size: int, device: torch.dev
 def write_results(results: Mapping, output_dir: str, data_args: DataArguments, stem: str = "results") -> str:
     """``<stem>.json`` and ``<stem>.md`` in ``output_dir``; returns the markdown table (accuracies in %)."""
     columns = [*data_args.eval_splits] + (["ood_avg"] if data_args.ood_splits else [])
-    table = results_table(results, columns)
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, f"{stem}.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(output_dir, f"{stem}.md"), "w") as f:
-        f.write("Top-1 accuracy (%)\n\n" + table + "\n")
-    return table
+    return write_report(output_dir, results, results_table(results, columns), title="Top-1 accuracy (%)", stem=stem)
 
 
 def resolve_device(name: str | None) -> torch.device:

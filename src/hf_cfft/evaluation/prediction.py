@@ -1,4 +1,8 @@
-"""Accuracy of a classifier on several splits (in-distribution and shifted), through the `evaluate` library."""
+"""Score a classifier on named splits, each with its protocol, through the `evaluate` library: the one scoring path.
+
+splits (datasets, or `EvalSet`s with a protocol: the ImageNet shifts) -> `evaluate_splits`:
+    logits (`predict_logits`) -> the split's protocol -> predictions -> top-1 accuracy (%) -> [+ ood_avg]
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,11 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from .data import preprocess_images
+from ..data import preprocess_images
+from .protocols import EvalSet, dataset_eval_sets
 
 ACCURACY_METRIC = os.path.join(os.path.dirname(__file__), "metrics", "accuracy.py")
+OOD_AVG = "ood_avg"
 
 
 def load_accuracy() -> evaluate.EvaluationModule:
@@ -71,28 +77,34 @@ def top1_accuracy(
 
 def evaluate_splits(
     model: torch.nn.Module,
-    splits: Mapping[str, Dataset],
+    splits: Mapping[str, Dataset] | Sequence[EvalSet],
     image_processor: Callable,
     *,
     ood_splits: Sequence[str] = (),
+    restrict: bool = True,
+    image_column: str = "image",
+    label_column: str = "label",
     **predict_kwargs,
 ) -> dict[str, float]:
-    """Top-1 accuracy (in %) per split, plus ``ood_avg`` over ``ood_splits`` when given."""
+    """Top-1 accuracy (%) of ``model`` per split, by name, plus ``ood_avg`` over ``ood_splits`` when given.
+
+    ``splits``: named datasets, scored by the model's own argmax, or `EvalSet`s, each with its protocol (e.g.
+    `imagenet_eval_sets`); ``restrict`` is passed to the protocols. ``predict_kwargs``: batch_size, device,
+    num_workers.
+    """
+    if isinstance(splits, Mapping):
+        splits = dataset_eval_sets(splits, image_column=image_column, label_column=label_column)
+    width = getattr(getattr(model, "config", None), "num_labels", None)
+    for eval_set in splits:  # before any forward pass: a wrong head should fail fast, not after the first 50000 images
+        eval_set.protocol.check_width(width)
     metric = load_accuracy()
     results = {}
-    for name, dataset in splits.items():
-        logits, labels = predict_logits(model, dataset, image_processor, **predict_kwargs)
-        results[name] = top1_accuracy(logits.argmax(axis=1), labels, metric)
+    for eval_set in splits:
+        logits, labels = predict_logits(
+            model, eval_set.dataset, image_processor, image_transform=eval_set.image_transform, **predict_kwargs
+        )
+        results[eval_set.name] = top1_accuracy(eval_set.protocol.predict(logits, restrict=restrict), labels, metric)
     present = [name for name in ood_splits if name in results]
     if present:
-        results["ood_avg"] = sum(results[name] for name in present) / len(present)
+        results[OOD_AVG] = sum(results[name] for name in present) / len(present)
     return results
-
-
-def results_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str]) -> str:
-    """A markdown table: one row per run (e.g. zero-shot, fine-tuned), one column per split, accuracies in %."""
-    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, values in rows.items():
-        cells = [f"{values[c]:.1f}" if c in values else "-" for c in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from datasets import ClassLabel, Dataset, load_dataset
 
+from ..zeroshot import load_class_names
+
 WORLD = "world"
 
 
@@ -23,19 +25,26 @@ def load_image_splits(
     data_dir: str | None = None,
     cache_dir: str | None = None,
     world_seed: int = 0,
+    world_train_correlation: float | None = None,
 ) -> dict[str, Dataset]:
     """Load ``splits`` of an image dataset as a dict of `datasets.Dataset`.
 
     ``dataset_name`` is ``"world"`` (the embedded world, generated in memory), a local folder in ImageFolder layout
     (``<dir>/<split>/<class>/<image>``), ``"imagefolder"`` with ``data_dir``, or a Hub dataset id.
+    ``world_train_correlation``: the world's ``train`` split only, the share of images on their class's own context
+    (default 0.9; 0.1 = context independent of the class, the oracle of docs/world.md).
     """
     if dataset_name == WORLD:
-        from .world import SPLITS, make_world_split
+        from ..world import SPLITS, make_world_split
 
         unknown = [s for s in splits if s not in SPLITS]
         if unknown:
             raise ValueError(f"the world has no split(s) {unknown}; its splits are {', '.join(SPLITS)}")
-        return {split: make_world_split(split, seed=world_seed) for split in splits}
+        train_kwargs = {} if world_train_correlation is None else {"correlation": world_train_correlation}
+        return {
+            split: make_world_split(split, seed=world_seed, **(train_kwargs if split == "train" else {}))
+            for split in splits
+        }
     if os.path.isdir(os.path.expanduser(dataset_name)):
         return _local_image_folder(os.path.expanduser(dataset_name), splits)
     if _looks_like_path(dataset_name):
@@ -79,3 +88,8 @@ def class_names_of(dataset: Dataset, label_column: str = "label") -> list[str]:
             "pass class names explicitly (--class_names imagenet or a text file with one name per line)"
         )
     return list(feature.names)
+
+
+def class_names_for(class_names: str | None, dataset: Dataset, label_column: str = "label") -> list[str]:
+    """The ``--class_names`` option ('imagenet' or a file: `load_class_names`), else ``dataset``'s ClassLabel names."""
+    return load_class_names(class_names) if class_names else class_names_of(dataset, label_column)

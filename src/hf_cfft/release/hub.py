@@ -19,7 +19,8 @@ from huggingface_hub import HfApi, RepoUrl
 
 from .model_card import CARD_NAME, card_inputs_from_dir, write_model_card
 
-PUSH_SCRIPT = "recipes/push_to_hub.py"
+# A command every pip-installed user has (recipes/push_to_hub.py is only in a clone of the repository).
+PUSH_COMMAND = ("python", "-m", "hf_cfft.release.push")
 # Pickles can run code when loaded, and training-state files are useless to someone who downloads the model.
 EXCLUDED_FILES = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "trainer_state.json", "_*", ".*")
 EXCLUDED_DIRS = ("checkpoint-*", "runs", "__pycache__", "_*", ".*")
@@ -46,12 +47,12 @@ def files_to_upload(model_dir: str | os.PathLike) -> list[str]:
 
 
 def retry_command(model_dir: str | os.PathLike, repo_id: str, **options: Any) -> str:
-    """The shell command that repeats a push: `recipes/push_to_hub.py` with the same options.
+    """The shell command that repeats a push: ``python -m hf_cfft.release.push`` with the same options.
 
     ``options`` are the script's flags by name: True adds a switch, a list adds its items, None / False are left out.
     The token is never part of it (it comes from the environment or `hf auth login`).
     """
-    parts = ["python", PUSH_SCRIPT, "--model_dir", str(model_dir), "--repo_id", repo_id]
+    parts = [*PUSH_COMMAND, "--model_dir", str(model_dir), "--repo_id", repo_id]
     for name, value in options.items():
         if value is None or value is False or value == []:
             continue

@@ -16,6 +16,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..evaluation.report import results_table
+
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 CARD_NAME = "README.md"
 TRAINING_ARGS_JSON = "training_args.json"
@@ -24,7 +26,7 @@ EVAL_RESULTS_JSON = "eval_results.json"
 TAGS = ("hf_cfft", "clip", "vision", "image-classification", "robust-fine-tuning", "counterfactual-fine-tuning")
 FINE_TUNED = "fine-tuned"  # the row of eval_results.json that describes this checkpoint
 OOD_AVG = "ood_avg"
-WORLD = "world"  # hf_cfft.sources.WORLD, repeated so that rendering a card does not import `datasets`
+WORLD = "world"  # the embedded world's dataset name (hf_cfft.cli.sources.WORLD; the library does not import cli)
 _WORLD_TYPE = "hf_cfft-world"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
@@ -179,7 +181,7 @@ def _split_roles(
 def _results_table(
     results: Mapping[str, Mapping[str, float]] | None, id_split: str | None, ood_splits: Sequence[str] | None
 ) -> dict[str, Any] | None:
-    """Header cells and rows of the results table (accuracies in %), ID splits first, then OOD, then the mean."""
+    """The results table (markdown, accuracies in %), ID splits first, then OOD, then the mean; None when empty."""
     rows = {name: values for name, values in (results or {}).items() if values}
     if not rows:
         return None
@@ -190,10 +192,7 @@ def _results_table(
     if any(OOD_AVG in values for values in rows.values()):
         columns.append(OOD_AVG)
         header.append("OOD avg")
-    cells = [
-        (name, [f"{float(values[c]):.1f}" if c in values else "-" for c in columns]) for name, values in rows.items()
-    ]
-    return {"header": header, "rows": cells, "has_ood": bool(ood) or OOD_AVG in columns}
+    return {"table": results_table(rows, columns, header), "has_ood": bool(ood) or OOD_AVG in columns}
 
 
 def _eval_results(
