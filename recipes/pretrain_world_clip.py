@@ -11,7 +11,8 @@ host, AVX2 on another), MKL's matrix products take per-vendor and per-ISA code p
 reductions differently. The script therefore fixes all three before torch loads: ``ATEN_CPU_CAPABILITY=avx2``,
 ``MKL_CBWR=COMPATIBLE`` (MKL's one code path that is the same on Intel and AMD CPUs), ``ONEDNN_MAX_CPU_ISA=AVX2``,
 and a fixed thread count (``--num_threads``, 1: one thread also keeps its pace when other processes load the
-machine). It re-executes itself with that environment when started without it. The price is speed: MKL's compatible path is about 4x slower than its default on these tiny matrices.
+machine). It re-executes itself with that environment when started without it. The price is speed: MKL's
+compatible path is about 4x slower than its default on these tiny matrices.
 """
 
 from __future__ import annotations
