@@ -1,7 +1,10 @@
-"""hf_cfft: counterfactual fine-tuning of CLIP image encoders (Xiao et al., CVPR 2023) on the Hugging Face stack."""
+"""hf_cfft: counterfactual fine-tuning of CLIP-family image encoders (Xiao et al., CVPR 2023) on Hugging Face.
+
+Supported towers: CLIP, MetaCLIP 2, SigLIP and the fixed-resolution SigLIP 2 (`hf_cfft.families`).
+"""
 
 from .baselines import uniform_soup, wise_ft
-from .build import classifier_from_clip, is_cfft_checkpoint, load_classifier
+from .build import classifier_from_clip, classifier_from_pretrained, is_cfft_checkpoint, load_classifier
 from .callbacks import CounterfactualImagesCallback
 from .cam import CAM_METHODS, attention_rollout, compute_cam, grad_cam, normalize_cam
 from .config import CfftConfig
@@ -13,9 +16,17 @@ from .data import (
     preprocess_images,
 )
 from .evaluation import evaluate_splits, predict_logits
+from .families import FAMILIES
 from .losses import counterfactual_loss, feature_distillation_loss, logit_distillation_loss
 from .masking import FILL_KINDS, MASK_KINDS, cam_patch_mask, make_counterfactuals, random_patch_mask, refill
-from .modeling import ClipCfftConfig, ClipCfftForImageClassification, ClipCfftOutput
+from .modeling import (
+    CfftClassifierConfig,
+    CfftClassifierOutput,
+    CfftImageClassifier,
+    ClipCfftConfig,
+    ClipCfftForImageClassification,
+    ClipCfftOutput,
+)
 from .release import (
     latest_complete_checkpoint,
     push_model_dir,
@@ -25,15 +36,19 @@ from .release import (
 )
 from .trainer import CfftTrainer
 from .visualize import counterfactual_grid
-from .zeroshot import build_zeroshot_weights, load_class_names, load_templates
+from .zeroshot import build_zeroshot_head, build_zeroshot_weights, load_class_names, load_templates
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CAM_METHODS",
+    "FAMILIES",
     "FILL_KINDS",
     "MASK_KINDS",
+    "CfftClassifierConfig",
+    "CfftClassifierOutput",
     "CfftConfig",
+    "CfftImageClassifier",
     "CfftTrainer",
     "ClipCfftConfig",
     "ClipCfftForImageClassification",
@@ -42,9 +57,11 @@ __all__ = [
     "CounterfactualImagesCallback",
     "CounterfactualTransform",
     "attention_rollout",
+    "build_zeroshot_head",
     "build_zeroshot_weights",
     "cam_patch_mask",
     "classifier_from_clip",
+    "classifier_from_pretrained",
     "compute_cam",
     "counterfactual_grid",
     "counterfactual_loss",

@@ -1,4 +1,4 @@
-"""Build the classifier to fine-tune: from a CLIP checkpoint (zero-shot head on the fly) or a saved classifier."""
+"""Build the classifier to fine-tune: from a contrastive checkpoint (zero-shot head built) or a saved classifier."""
 
 from __future__ import annotations
 
@@ -7,47 +7,83 @@ import os
 from collections.abc import Sequence
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, CLIPModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from .modeling import ClipCfftConfig, ClipCfftForImageClassification
-from .zeroshot import build_zeroshot_weights
+from .families import family_for_model_type, family_of
+from .modeling import CfftClassifierConfig, CfftImageClassifier, ClipCfftConfig, ClipCfftForImageClassification
+from .zeroshot import build_zeroshot_head
+
+# model_type of a saved classifier -> its class
+SAVED_CLASSIFIERS = {
+    ClipCfftConfig.model_type: ClipCfftForImageClassification,
+    CfftClassifierConfig.model_type: CfftImageClassifier,
+}
 
 
-def classifier_from_clip(
-    clip_model: CLIPModel, head_weights: torch.Tensor, class_names: Sequence[str]
-) -> ClipCfftForImageClassification:
-    """Wrap a CLIP image tower with a linear head initialised to ``head_weights`` [num_classes, projection_dim]."""
-    if head_weights.shape != (len(class_names), clip_model.config.projection_dim):
+def classifier_from_pretrained(
+    pretrained: PreTrainedModel,
+    head_weights: torch.Tensor,
+    class_names: Sequence[str],
+    head_bias: float = 0.0,
+) -> CfftImageClassifier:
+    """Wrap a contrastive model's image tower with a linear head initialised to ``head_weights`` [C, projection_dim].
+
+    ``pretrained``: a ``CLIPModel``, ``MetaClip2Model`` or ``SiglipModel``. ``head_bias``: every class's starting
+    bias (SigLIP's ``logit_bias``; 0 for CLIP). A CLIP model gives a `ClipCfftForImageClassification` (saved as
+    ``clip_cfft``, as before other families existed); the others a `CfftImageClassifier` with their ``family``.
+    """
+    family = family_of(pretrained)
+    has_projection = hasattr(pretrained, "visual_projection")
+    vision_config = pretrained.config.vision_config
+    width = pretrained.config.projection_dim if has_projection else vision_config.hidden_size
+    if head_weights.shape != (len(class_names), width):
         raise ValueError(
             f"head weights of shape {tuple(head_weights.shape)} do not match {len(class_names)} classes x "
-            f"projection_dim {clip_model.config.projection_dim}"
+            f"embedding width {width}"
         )
-    vision_config = clip_model.config.vision_config
     if not getattr(vision_config, "patch_size", None):
-        raise ValueError("the CLIP image tower has no patch size: masking needs a ViT (patch grid) image encoder")
-    config = ClipCfftConfig(
+        raise ValueError("the image tower has no patch size: masking needs a ViT (patch grid) image encoder")
+    config_class, model_class = (
+        (ClipCfftConfig, ClipCfftForImageClassification)
+        if family.name == "clip"
+        else (CfftClassifierConfig, CfftImageClassifier)
+    )
+    extra = {} if family.name == "clip" else {"family": family.name}
+    config = config_class(
         vision_config=vision_config.to_dict(),
-        projection_dim=clip_model.config.projection_dim,
+        projection_dim=width,
         id2label=dict(enumerate(class_names)),
         label2id={name: i for i, name in enumerate(class_names)},
+        **extra,
     )
-    model = ClipCfftForImageClassification(config)
-    model.vision_model.load_state_dict(clip_model.vision_model.state_dict())
-    model.visual_projection.load_state_dict(clip_model.visual_projection.state_dict())
+    model = model_class(config)
+    model.vision_model.load_state_dict(pretrained.vision_model.state_dict())
+    if has_projection:
+        model.visual_projection.load_state_dict(pretrained.visual_projection.state_dict())
     with torch.no_grad():
         model.classifier.weight.copy_(head_weights.to(model.classifier.weight.dtype))
         if model.classifier.bias is not None:
-            model.classifier.bias.zero_()
+            model.classifier.bias.fill_(head_bias)
     return model
 
 
-def is_cfft_checkpoint(path: str) -> bool:
-    """Whether ``path`` is a local directory holding a saved `ClipCfftForImageClassification`."""
+# The name from before other families existed; it takes any supported family now.
+classifier_from_clip = classifier_from_pretrained
+
+
+def saved_classifier_type(path: str) -> str | None:
+    """The ``model_type`` of the hf_cfft classifier saved in local directory ``path``, or None if it holds none."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        return False
+        return None
     with open(config_file) as f:
-        return json.load(f).get("model_type") == ClipCfftConfig.model_type
+        model_type = json.load(f).get("model_type")
+    return model_type if model_type in SAVED_CLASSIFIERS else None
+
+
+def is_cfft_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a local directory holding a classifier saved by hf_cfft (any family)."""
+    return saved_classifier_type(path) is not None
 
 
 def load_classifier(
@@ -57,14 +93,16 @@ def load_classifier(
     templates: Sequence[str] | None = None,
     show_progress: bool = True,
     **from_pretrained_kwargs,
-) -> ClipCfftForImageClassification:
-    """A saved classifier as is, or a CLIP checkpoint (Hub id or dir) turned into its zero-shot classifier.
+) -> CfftImageClassifier:
+    """A saved classifier as is, or a CLIP / MetaCLIP 2 / SigLIP checkpoint turned into its zero-shot classifier.
 
-    ``class_names`` and ``templates`` are needed only for a CLIP checkpoint. A saved classifier whose classes differ
-    from ``class_names`` (count or order) is refused: its head would score the wrong classes.
+    ``class_names`` and ``templates`` are needed only for a pre-trained checkpoint (Hub id or dir), whose own
+    tokenizer tokenises the prompts as its family does (`hf_cfft.zeroshot.build_zeroshot_head`). A saved classifier
+    whose classes differ from ``class_names`` (count or order) is refused: its head would score the wrong classes.
     """
-    if is_cfft_checkpoint(model_name_or_path):
-        model = ClipCfftForImageClassification.from_pretrained(model_name_or_path, **from_pretrained_kwargs)
+    saved_type = saved_classifier_type(model_name_or_path)
+    if saved_type is not None:
+        model = SAVED_CLASSIFIERS[saved_type].from_pretrained(model_name_or_path, **from_pretrained_kwargs)
         if class_names is not None:
             saved = [model.config.id2label[i] for i in range(model.config.num_labels)]
             if list(class_names) != saved:
@@ -72,21 +110,16 @@ def load_classifier(
                     f"the classifier in {model_name_or_path} was built for {len(saved)} classes "
                     f"({', '.join(saved[:5])}, ...) but the dataset has {len(class_names)} "
                     f"({', '.join(list(class_names)[:5])}, ...); use a dataset with the same class names in the same "
-                    "order, or start from the CLIP checkpoint to build a new head"
+                    "order, or start from the pre-trained checkpoint to build a new head"
                 )
         return model
     if class_names is None or templates is None:
         raise ValueError(
-            f"{model_name_or_path} is a CLIP checkpoint: class_names and templates are needed to build its head"
+            f"{model_name_or_path} is a pre-trained checkpoint: class_names and templates are needed to build its head"
         )
     model_type = AutoConfig.from_pretrained(model_name_or_path).model_type
-    if model_type != "clip":
-        raise ValueError(
-            f"{model_name_or_path} is a {model_type!r} checkpoint; hf_cfft fine-tunes CLIP ViT image encoders "
-            "(masking needs their patch grid and the text tower builds the zero-shot head): pass a CLIP checkpoint "
-            "such as openai/clip-vit-base-patch32, or a classifier saved by hf_cfft"
-        )
-    clip = CLIPModel.from_pretrained(model_name_or_path, **from_pretrained_kwargs)
+    family = family_for_model_type(model_type, model_name_or_path)
+    pretrained = family.model_class.from_pretrained(model_name_or_path, **from_pretrained_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    weights = build_zeroshot_weights(clip, tokenizer, class_names, templates, show_progress=show_progress)
-    return classifier_from_clip(clip, weights, class_names)
+    weights, bias = build_zeroshot_head(pretrained, tokenizer, class_names, templates, show_progress=show_progress)
+    return classifier_from_pretrained(pretrained, weights, class_names, head_bias=bias)

@@ -1,4 +1,7 @@
-"""Zero-shot classification head for CLIP: class names x prompt templates -> text-embedding classifier weights.
+"""Zero-shot classification head from a text tower: class names x prompt templates -> classifier weights (and bias).
+
+CLIP and MetaCLIP 2 score ``logit_scale.exp() * cos``; SigLIP scores ``logit_scale.exp() * cos + logit_bias`` (a
+sigmoid per class), so its head's bias starts at ``logit_bias`` (`build_zeroshot_head`).
 
 The class names and prompt templates are package data under ``hf_cfft/resources`` in a comment-free format, one
 entry per line:
@@ -7,6 +10,7 @@ entry per line:
   from the OpenAI CLIP repository (notebooks/Prompt_Engineering_for_ImageNet.ipynb).
 - ``imagenet_templates.txt``: the 80 ImageNet prompt templates from that same notebook.
 - ``simple_templates.txt``: a short generic template set of our own, for quick runs and non-ImageNet label sets.
+- ``siglip``: SigLIP's prompt style, the one template "This is a photo of {}." (its model card's zero-shot example).
 
 Templates are ``str`` with a ``{}`` placeholder that is replaced by the class name.
 """
@@ -22,9 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
-    from transformers import CLIPModel, PreTrainedTokenizerBase
+    from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["build_zeroshot_weights", "load_class_names", "load_templates"]
+__all__ = ["build_zeroshot_head", "build_zeroshot_weights", "load_class_names", "load_templates"]
+
+SIGLIP_TEMPLATES = ("This is a photo of {}.",)
 
 _CLASS_FILES = {"imagenet": "imagenet_classes.txt"}
 _TEMPLATE_FILES = {"openai_imagenet": "imagenet_templates.txt", "simple": "simple_templates.txt"}
@@ -54,18 +60,26 @@ def load_class_names(name: str) -> list[str]:
 def load_templates(name: str) -> list[str]:
     """Prompt templates, each with one ``{}`` placeholder: a bundled set or a text file with one per line.
 
-    ``name``: ``"openai_imagenet"`` -> 80 templates, ``"simple"`` -> 6 generic templates, ``"world"`` -> the
-    embedded world's prompts (`hf_cfft.world.WORLD_TEMPLATES`); or a file path. Raises ValueError for anything else.
+    ``name``: ``"openai_imagenet"`` -> 80 templates, ``"simple"`` -> 6 generic templates, ``"siglip"`` -> SigLIP's
+    "This is a photo of {}.", ``"world"`` -> the embedded world's prompts (`hf_cfft.world.WORLD_TEMPLATES`); or a file
+    path. Raises ValueError for anything else.
     """
+    if name == "siglip":
+        return list(SIGLIP_TEMPLATES)
     if name == "world":
         from .world import WORLD_TEMPLATES
 
         return list(WORLD_TEMPLATES)
-    return _read_lines("template set", name, {**_TEMPLATE_FILES, "world": ""})
+    return _read_lines("template set", name, {**_TEMPLATE_FILES, "world": "", "siglip": ""})
 
 
-def _text_features(clip_model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    out = clip_model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+def _text_features(
+    clip_model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    if attention_mask is None:
+        out = clip_model.get_text_features(input_ids=input_ids)
+    else:
+        out = clip_model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
     # transformers v5 returns a BaseModelOutputWithPooling whose pooler_output holds the projected embedding;
     # v4 returned that embedding directly.
     return out if isinstance(out, torch.Tensor) else out.pooler_output
@@ -80,11 +94,14 @@ def build_zeroshot_weights(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     show_progress: bool = True,
+    tokenizer_kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Build the zero-shot classifier: averaged, normalised prompt embeddings per class, scaled by CLIP's temperature.
 
     ``clip_model``: a ``transformers.CLIPModel`` (anything with ``get_text_features`` and ``logit_scale``).
-    ``tokenizer``: its tokenizer; prompts are tokenised with ``padding=True, truncation=True``.
+    ``tokenizer``: its tokenizer; prompts are tokenised with ``tokenizer_kwargs``, by default ``padding=True,
+    truncation=True`` (CLIP's convention; `build_zeroshot_head` passes each family's). The model gets the
+    ``attention_mask`` only when the tokenizer returns one (SigLIP's does not: it was trained without).
     ``class_names``: C names; ``templates``: T strings, each with a ``{}`` placeholder.
     ``batch_size``: prompts per forward pass (a batch may span several classes).
     ``device``: where to run the text tower; default the model's current device. The model is moved back after.
@@ -99,6 +116,7 @@ def build_zeroshot_weights(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
+    text_kwargs = {"padding": True, "truncation": True} if tokenizer_kwargs is None else tokenizer_kwargs
     num_templates = len(templates)
     # Class-major order, so prompt i belongs to class i // num_templates.
     prompts = [t.replace("{}", name) for name in class_names for t in templates]
@@ -115,9 +133,10 @@ def build_zeroshot_weights(
         with torch.no_grad(), tqdm(total=len(class_names), unit="class", disable=not show_progress) as bar:
             for start in range(0, len(prompts), batch_size):
                 stop = min(start + batch_size, len(prompts))
-                enc = tokenizer(prompts[start:stop], padding=True, truncation=True, return_tensors="pt")
+                enc = tokenizer(prompts[start:stop], **text_kwargs, return_tensors="pt")
+                mask = enc.get("attention_mask")
                 feats = _text_features(
-                    clip_model, enc["input_ids"].to(run_device), enc["attention_mask"].to(run_device)
+                    clip_model, enc["input_ids"].to(run_device), None if mask is None else mask.to(run_device)
                 )
                 # Normalise in float32 so half-precision models do not lose the small per-template differences.
                 feats = torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
@@ -133,3 +152,26 @@ def build_zeroshot_weights(
 
     weights = torch.nn.functional.normalize(sums / num_templates, dim=-1)
     return weights * scale
+
+
+def build_zeroshot_head(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    **kwargs,
+) -> tuple[torch.Tensor, float]:
+    """The zero-shot head of any supported family: (weights [C, projection_dim] float32, bias, one float for all).
+
+    ``model``: a ``CLIPModel``, ``MetaClip2Model`` or ``SiglipModel``; prompts are tokenised as the family was trained
+    (`hf_cfft.families.tokenizer_kwargs`). The bias is SigLIP's ``logit_bias``, 0 for CLIP and MetaCLIP 2, so that
+    ``normalised_image_features @ weights.T + bias`` are the model's own image-text logits (one template) or their
+    template ensemble. Other keyword arguments go to `build_zeroshot_weights`.
+    """
+    from .families import family_of, tokenizer_kwargs
+
+    weights = build_zeroshot_weights(
+        model, tokenizer, class_names, templates, tokenizer_kwargs=tokenizer_kwargs(model), **kwargs
+    )
+    bias = float(model.logit_bias.detach().float().cpu().item()) if family_of(model).sigmoid else 0.0
+    return weights, bias

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..modeling import ClipCfftForImageClassification
+from ..modeling import CfftImageClassifier
 
 # Config fields that decide the computation (not just the tensor shapes): two models that differ in any of them
 # cannot share weights even when every shape matches (e.g. 8 heads of 64 vs 4 heads of 128).
@@ -34,15 +34,16 @@ _VISION_FIELDS = (
 )
 
 
-def class_names(model: ClipCfftForImageClassification) -> list[str]:
+def class_names(model: CfftImageClassifier) -> list[str]:
     """The model's class names in label-index order."""
     return [model.config.id2label[i] for i in range(model.config.num_labels)]
 
 
-def _architecture(model: ClipCfftForImageClassification) -> dict:
+def _architecture(model: CfftImageClassifier) -> dict:
     vision = model.config.vision_config
     return {
         "class": type(model).__name__,
+        "family": getattr(model.config, "family", "clip"),
         "projection_dim": model.config.projection_dim,
         "head_bias": model.config.head_bias,
         **{name: getattr(vision, name, None) for name in _VISION_FIELDS},
@@ -57,14 +58,14 @@ def _short(names: list[str], limit: int = 8) -> str:
 def check_compatible(models: Mapping[str, torch.nn.Module]) -> None:
     """Raise ValueError unless every model has the first one's architecture and class list (same names, same order).
 
-    ``models`` maps a name used in the message (e.g. "zero-shot", a folder) to a `ClipCfftForImageClassification`.
+    ``models`` maps a name used in the message (e.g. "zero-shot", a folder) to a `CfftImageClassifier`.
     """
     items = list(models.items())
     if not items:
         raise ValueError("no models given")
     for name, model in items:
-        if not isinstance(model, ClipCfftForImageClassification):
-            raise TypeError(f"{name} is a {type(model).__name__}, not a ClipCfftForImageClassification")
+        if not isinstance(model, CfftImageClassifier):
+            raise TypeError(f"{name} is a {type(model).__name__}, not an hf_cfft CfftImageClassifier")
     ref_name, ref = items[0]
     ref_arch, ref_classes = _architecture(ref), class_names(ref)
     for name, model in items[1:]:
@@ -162,8 +163,8 @@ def interpolate_state_dicts(
 
 
 def wise_ft(
-    zero_shot_model: ClipCfftForImageClassification, fine_tuned_model: ClipCfftForImageClassification, alpha: float
-) -> ClipCfftForImageClassification:
+    zero_shot_model: CfftImageClassifier, fine_tuned_model: CfftImageClassifier, alpha: float
+) -> CfftImageClassifier:
     """A new classifier whose weights interpolate the two models' (alpha = weight of the fine-tuned model).
 
     The models must share architecture and class list; the result copies the fine-tuned model's config, device and
@@ -176,9 +177,7 @@ def wise_ft(
     return merged.eval()
 
 
-def uniform_soup(
-    models: Sequence[ClipCfftForImageClassification], names: Sequence[str] | None = None
-) -> ClipCfftForImageClassification:
+def uniform_soup(models: Sequence[CfftImageClassifier], names: Sequence[str] | None = None) -> CfftImageClassifier:
     """A new classifier with the mean weights of ``models`` (config, device and dtype of the first), in eval mode.
 
     ``names`` (e.g. the folders the models came from) only label the error raised for mismatched models.
