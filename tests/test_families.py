@@ -182,6 +182,18 @@ def test_pooled_output_ignores_the_contents_of_removed_patches(classifiers, fami
         assert (model.get_image_features(scrambled) - model.get_image_features(images)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("others_removed", [16, 5], ids=["all-empty", "mixed"])
+def test_siglip_image_with_every_patch_removed_gets_a_finite_feature_of_no_patch(siglip_classifier, others_removed):
+    # Without a CLS token nothing is left: the probe attends to nothing (a softmax over no keys would be NaN).
+    model, images = siglip_classifier, _images(2)
+    keep = _keep([16, others_removed])
+    scrambled = _scramble_removed_patches(images, keep)
+    with torch.no_grad():
+        features = model.get_image_features(images, keep)
+        assert torch.isfinite(features).all()
+        torch.testing.assert_close(model.get_image_features(scrambled, keep), features, atol=1e-5, rtol=1e-5)
+
+
 def test_siglip_keeping_every_patch_equals_no_keep_mask(siglip_classifier):
     images = _images()
     with torch.no_grad():

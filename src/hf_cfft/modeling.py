@@ -101,10 +101,20 @@ def attention_pool(
     """SigLIP's attention-pooling head (``SiglipMultiheadAttentionPoolingHead.forward``), with optional key masking.
 
     hidden: [B, T, D] (after ``post_layernorm``). key_padding_mask: optional [B, T] bool, True = the token is ignored
-    by the probe. Returns [B, D]. Without a mask this is the head's own forward, operation for operation.
+    by the probe. An image with every token ignored gets what attending to nothing gives: an attention output of 0
+    before the output projection (a softmax over no keys would be NaN). Returns [B, D]. Without a mask this is the
+    head's own forward, operation for operation.
     """
     probe = head.probe.repeat(hidden.shape[0], 1, 1)
+    empty = None
+    if key_padding_mask is not None and bool(key_padding_mask.all(dim=1).any()):
+        empty = key_padding_mask.all(dim=1)
+        key_padding_mask = key_padding_mask & ~empty[:, None]  # computed over every token, then discarded
     pooled = head.attention(probe, hidden, hidden, key_padding_mask=key_padding_mask)[0]
+    if empty is not None:
+        out_proj = head.attention.out_proj
+        nothing = out_proj.bias if out_proj.bias is not None else torch.zeros_like(pooled[0, 0])
+        pooled = torch.where(empty[:, None, None], nothing.to(pooled.dtype).expand_as(pooled), pooled)
     pooled = pooled + head.mlp(head.layernorm(pooled))
     return pooled[:, 0]
 
@@ -186,7 +196,8 @@ class CfftImageClassifier(CfftPreTrainedModel):
             keep = _keep_mask_with_cls(patch_keep) if self.has_cls_token else patch_keep.flatten(1).bool()
             keep = keep.to(hidden.device)
             counts = keep.sum(dim=1)
-            if bool((counts == counts[0]).all()):
+            # Without a CLS token an image may keep no token at all: the key-mask path handles that.
+            if bool((counts == counts[0]).all()) and int(counts[0]) > 0:
                 # Stable sort puts kept tokens first, in their original order.
                 order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, : int(counts[0])]
                 hidden = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))

@@ -218,6 +218,10 @@ def _eval_results(
     ]
 
 
+# config.family -> the name the card gives the base model's family
+BASE_FAMILY_NAMES = {"clip": "CLIP", "metaclip_2": "MetaCLIP 2", "siglip": "SigLIP"}
+
+
 def _architecture(config: Mapping[str, Any]) -> dict[str, Any]:
     vision = config.get("vision_config") or {}
     if not isinstance(vision, Mapping):
@@ -226,12 +230,29 @@ def _architecture(config: Mapping[str, Any]) -> dict[str, Any]:
     names = [id2label[key] for key in sorted(id2label, key=int)]
     examples = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
     patch, size = vision.get("patch_size"), vision.get("image_size")
-    description = (
-        f"CLIP ViT image encoder ({vision.get('num_hidden_layers')} layers, width {vision.get('hidden_size')}, "
-        f"{patch}x{patch}-pixel patches) + {config.get('projection_dim')}-d projection + linear head on "
-        "L2-normalised features (`ClipCfftForImageClassification`)"
+    family = config.get("family") or "clip"
+    base_family = BASE_FAMILY_NAMES.get(family, family)
+    tower = (
+        f"{base_family} ViT image encoder ({vision.get('num_hidden_layers')} layers, "
+        f"width {vision.get('hidden_size')}, {patch}x{patch}-pixel patches)"
     )
+    if family == "siglip":
+        description = (
+            f"{tower} pooled by its attention-pooling head ({config.get('projection_dim')}-d) + linear head on "
+            "L2-normalised features (`CfftImageClassifier`)"
+        )
+    else:
+        class_name = (
+            "ClipCfftForImageClassification"
+            if config.get("model_type", "clip_cfft") == "clip_cfft"
+            else "CfftImageClassifier"
+        )
+        description = (
+            f"{tower} + {config.get('projection_dim')}-d projection + linear head on "
+            f"L2-normalised features (`{class_name}`)"
+        )
     return {
+        "base_family": base_family,
         "architecture": description,
         "num_labels": len(names) or config.get("num_labels"),
         "class_examples": examples,
