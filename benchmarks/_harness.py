@@ -20,18 +20,19 @@ import torch
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-from transformers import CLIPImageProcessor, CLIPVisionConfig
+from transformers import CLIPImageProcessor, CLIPVisionConfig, SiglipImageProcessorPil, SiglipVisionConfig
 
 from hf_cfft import CfftConfig, CfftTrainer
 from hf_cfft.cam import compute_cam
 from hf_cfft.data import CounterfactualCollator, CounterfactualTransform, precompute_cams, preprocess_images
 from hf_cfft.evaluation.report import markdown_table  # noqa: F401  (the benchmarks' tables)
-from hf_cfft.modeling import ClipCfftConfig, ClipCfftForImageClassification
+from hf_cfft.modeling import CfftClassifierConfig, CfftImageClassifier, ClipCfftConfig, ClipCfftForImageClassification
 
 
 @dataclass(frozen=True)
 class ModelSize:
-    """A CLIP ViT image tower and the per-device batch it is benchmarked with."""
+    """A ViT image tower (CLIP, or SigLIP: attention-pooled, no projection) and the per-device batch it is benchmarked
+    with."""
 
     image_size: int
     patch_size: int
@@ -43,6 +44,7 @@ class ModelSize:
     num_labels: int
     # Side of the pre-decoded images fed to the transform: the processor resizes them to image_size.
     source_image_size: int
+    family: str = "clip"
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -58,13 +60,16 @@ SIZES = {
     # OpenAI CLIP ViT-B/32 and ViT-B/16 image towers with ImageNet's 1000-class head: the GPU benchmark.
     "vit-b32": ModelSize(224, 32, 768, 12, 12, 512, 256, 1000, 256),
     "vit-b16": ModelSize(224, 16, 768, 12, 12, 512, 128, 1000, 256),
+    # SigLIP ViT-B/16 (google/siglip-base-patch16-224's image tower: no CLS, attention-pooling head, 768-d feature).
+    "siglip-b16": ModelSize(224, 16, 768, 12, 12, 768, 128, 1000, 256, family="siglip"),
+    "siglip-micro": ModelSize(32, 8, 32, 2, 2, 32, 8, 3, 32, family="siglip"),
 }
 
 
-def build_model(size: ModelSize, seed: int = 0) -> ClipCfftForImageClassification:
-    """A randomly initialised `ClipCfftForImageClassification` of ``size`` (sdpa attention, quick-GELU as CLIP)."""
+def build_model(size: ModelSize, seed: int = 0) -> CfftImageClassifier:
+    """A randomly initialised classifier of ``size`` (sdpa attention; quick-GELU as CLIP, tanh-GELU as SigLIP)."""
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
+    tower = dict(
         image_size=size.image_size,
         patch_size=size.patch_size,
         hidden_size=size.hidden_size,
@@ -72,19 +77,25 @@ def build_model(size: ModelSize, seed: int = 0) -> ClipCfftForImageClassificatio
         num_hidden_layers=size.num_layers,
         num_attention_heads=size.num_heads,
     )
-    config = ClipCfftConfig(
-        vision_config=vision,
-        projection_dim=size.projection_dim,
+    labels = dict(
         num_labels=size.num_labels,
         id2label={i: f"class_{i}" for i in range(size.num_labels)},
         label2id={f"class_{i}": i for i in range(size.num_labels)},
     )
+    if size.family == "siglip":
+        config = CfftClassifierConfig(
+            family="siglip", vision_config=SiglipVisionConfig(**tower), projection_dim=size.hidden_size, **labels
+        )
+        return CfftImageClassifier(config)
+    config = ClipCfftConfig(vision_config=CLIPVisionConfig(**tower), projection_dim=size.projection_dim, **labels)
     return ClipCfftForImageClassification(config)
 
 
-def build_image_processor(size: ModelSize) -> CLIPImageProcessor:
-    """CLIP preprocessing (resize shortest edge, centre crop, OpenAI mean/std) to ``size.image_size``."""
+def build_image_processor(size: ModelSize):
+    """The family's preprocessing to ``size.image_size``: CLIP resize + centre crop, SigLIP a square resize."""
     side = size.image_size
+    if size.family == "siglip":
+        return SiglipImageProcessorPil(size={"height": side, "width": side})
     return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
 
