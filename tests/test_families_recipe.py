@@ -71,3 +71,16 @@ def test_recipe_fine_tunes_each_family_and_the_result_reloads_identically(images
     predictions = classify(str(images / "test" / "dog" / "1.png"), top_k=3)
     assert sorted(p["label"] for p in predictions) == sorted(CLASSES)
     assert json.loads((out / "eval_results.json").read_text()) == results
+
+
+def test_siglip_config_holds_the_papers_method_settings_and_siglips_prompt():
+    path = str(ROOT / "recipes" / "configs" / "imagenet_siglip_b16.yaml")
+    recipe = _recipe()
+    model_args, data_args, args = recipe.parse_args(["--config", path, "--bf16", "false"])
+    assert model_args.model_name_or_path == "google/siglip-base-patch16-224" and model_args.templates == "siglip"
+    method = (args.mask_kind, args.fill_kind, args.mask_threshold, args.distill_weight, args.cam_source)
+    assert method == ("object", "single", 0.3, 30.0, "student")
+    assert (args.learning_rate, args.weight_decay, args.num_train_epochs, args.max_grad_norm) == (3e-5, 0.1, 10, 1.0)
+    assert args.decay_all_parameters and args.one_cycle_schedule and args.warmup_steps == 0.02
+    assert args.per_device_train_batch_size * 8 * args.gradient_accumulation_steps == 512
+    assert args.augment == "none" and data_args.train_split == "train"
