@@ -43,8 +43,9 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "CLIP checkpoint (Hub id or folder; its zero-shot head is built on the fly) or a saved hf_cfft "
-            "classifier folder. Default: the tiny CLIP shipped with hf_cfft for the embedded world."
+            "help": "CLIP, MetaCLIP 2, SigLIP or fixed-resolution SigLIP 2 checkpoint (Hub id or folder; its zero-shot"
+            " head is built on the fly) or a saved hf_cfft classifier folder. Default: the tiny CLIP shipped with "
+            "hf_cfft for the embedded world."
         },
     )
     class_names: str | None = field(
