@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
+from .head_checks import check_zeroshot_head
 from .modeling import ClipCfftConfig, ClipCfftForImageClassification
 from .zeroshot import build_zeroshot_weights
 
@@ -89,4 +90,5 @@ def load_classifier(
     clip = CLIPModel.from_pretrained(model_name_or_path, **from_pretrained_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
     weights = build_zeroshot_weights(clip, tokenizer, class_names, templates, show_progress=show_progress)
+    check_zeroshot_head(weights, class_names, tokenizer, model_name_or_path)
     return classifier_from_clip(clip, weights, class_names)

@@ -293,6 +293,7 @@ def render_model_card(
         hyperparameters=hyperparameter_rows(training),
         results=_results_table(results, id_split, ood_splits),
         global_step=global_step or None,
+        resumed_with_changes=training.get("resumed_with_changes") or None,
         **base,
         **{key: dataset[key] for key in ("dataset_title", "dataset_url")},
         **_architecture(config),
