@@ -34,6 +34,7 @@ from hf_cfft.cli.script_args import (
     flag_value,
     load_train_and_eval_splits,
     parse_with_config,
+    run_recipe,
     write_results,
 )
 from hf_cfft.cli.sources import WORLD, class_names_for
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"Training on {len(trainer.train_dataset)} images with {args.world_size} process(es) on {args.device}.")
     trainer.base_model, trainer.dataset_name = model_args.model_name_or_path, data_args.dataset_name
     trainer.ood_splits = data_args.ood_splits
+    if is_cfft_checkpoint(model_args.model_name_or_path):  # e.g. LP-FT's second stage: the card says so
+        trainer.card_origin = {"kind": "trained", "from_classifier": True}
     if "tensorboard" in args.report_to:  # pictures of the counterfactuals the student's CAM picks
         CounterfactualImagesCallback.from_dataset(
             train, image_processor, every_n_steps=max(1, int(args.logging_steps) * 10), **columns
@@ -185,4 +188,4 @@ def _ood_summary(results: dict, args: CfftConfig) -> str:
 
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    main()
+    run_recipe(main)

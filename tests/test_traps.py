@@ -281,3 +281,54 @@ def test_workspace_builders_still_make_complete_clip_folders(tmp_path):
     load_classifier(
         str(folder), class_names=["cat", "dog", "fox"], templates=["a photo of a {}."], show_progress=False
     )
+
+
+# ---- 13. the card describes the method that was run ----
+
+_CFFT = {"distill_weight": 3.0, "mask_kind": "object", "fill_kind": "single", "mask_threshold": 0.3}
+
+
+@pytest.mark.parametrize(
+    "training, origin, headline, tag",
+    [
+        ({**_CFFT}, None, "fine-tuned with **counterfactual fine-tuning** (CFFT)", "counterfactual-fine-tuning"),
+        ({"distill_weight": 0.0, "mask_kind": "none"}, None, "**vanilla fine-tuning**", "vanilla-fine-tuning"),
+        ({"distill_weight": 0.0, "linear_probe": True}, None, "**linear probing**", "linear-probe"),
+        ({"distill_weight": 0.0}, {"kind": "trained", "from_classifier": True}, "**LP-FT**", "lp-ft"),
+        (
+            {"distill_weight": 1.0, "mask_kind": "none", "distill_target": "features"},
+            None,
+            "**FT+FD**",
+            "feature-distillation",
+        ),
+        (
+            {"distill_weight": 1.0, "mask_kind": "none", "distill_target": "logits", "kd_temperature": 10.0},
+            None,
+            "**FT+KD** (fine-tuning + logit distillation",
+            "knowledge-distillation",
+        ),
+        (
+            {**_CFFT},
+            {"kind": "wise_ft", "alpha": 0.5, "zero_shot": "out/zs", "fine_tuned": "out/ft"},
+            "**WiSE-FT**",
+            "wise-ft",
+        ),
+        ({}, {"kind": "soup", "members": ["a/ft1", "a/ft2"]}, "**uniform model soup** of 2", "model-soup"),
+        ({}, {"kind": "zero_shot", "templates": 6}, "**zero-shot classifier**", "zero-shot"),
+    ],
+    ids=["cfft", "vanilla", "linear-probe", "lp-ft", "ft-fd", "ft-kd", "wise-ft", "soup", "zero-shot"],
+)
+def test_card_headline_and_tags_follow_the_method(tiny_config, training, origin, headline, tag):
+    from hf_cfft.release.model_card import render_model_card
+
+    card = render_model_card(model_config=tiny_config, training_args=training, origin=origin)
+    title_line = next(line for line in card.text.splitlines() if line.startswith("A CLIP ViT image classifier"))
+    assert headline in title_line
+    assert tag in card.data.tags
+    others = {"counterfactual-fine-tuning", "vanilla-fine-tuning", "linear-probe", "lp-ft", "feature-distillation"}
+    assert not (others - {tag}) & set(card.data.tags), "one method tag per card"
+    if origin and origin["kind"] == "wise_ft":
+        assert "alpha = 0.5" in card.text and "`zs` (zero-shot) and `ft` (fine-tuned)" in card.text
+        assert "Hyper-parameters" not in card.text and "object-mask" not in card.text
+    if tag == "knowledge-distillation":
+        assert "FT+FD" not in card.text and "temperature 10" in card.text

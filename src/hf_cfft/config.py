@@ -195,8 +195,8 @@ class CfftConfig(TrainingArguments):
             )
         if self.fp16 and (self.use_cpu or not _has_accelerator()):
             raise ValueError(
-                "fp16=True is not supported on the CPU (no CUDA device found, or use_cpu=True): pass --bf16 true for "
-                "CPU mixed precision, or leave both off for float32"
+                "fp16=True is not supported on the CPU (no CUDA device found, or use_cpu=True): pass "
+                "--bf16 true --use_cpu true for CPU mixed precision, or leave both off for float32"
             )
         if self.push_to_hub and str(getattr(self.hub_strategy, "value", self.hub_strategy)) in (
             "checkpoint",
@@ -207,6 +207,8 @@ class CfftConfig(TrainingArguments):
                 "with their pickled optimizer, scheduler and RNG states; hf_cfft never uploads pickles: use "
                 "--hub_strategy every_save or end (checkpoints stay local for resuming)"
             )
+        if self.dataloader_pin_memory and (self.use_cpu or not _has_accelerator()):
+            self.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every dataloader
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns=True would drop the image column before the transform; use False")
 

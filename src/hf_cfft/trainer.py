@@ -73,7 +73,7 @@ class CfftTrainer(Trainer):
         Other keyword arguments go to `transformers.Trainer`.
     """
 
-    _tag_names = ["hf_cfft", "clip", "robust-fine-tuning", "counterfactual-fine-tuning"]
+    _tag_names = ["hf_cfft", "clip", "robust-fine-tuning"]  # + the method's own tag (model_card.method_info)
     # compute_loss returns per-micro-batch means (equal-sized batches: dataloader_drop_last), so the Trainer divides
     # by the accumulation steps itself.
     loss_is_scaled_for_ga = False
@@ -132,6 +132,8 @@ class CfftTrainer(Trainer):
         self.dataset_name: str | None = None
         self.eval_results: dict[str, dict[str, float]] | None = None
         self.ood_splits: list[str] | None = None
+        # {"kind": "trained", "from_classifier": True} when training starts from a saved classifier (LP-FT stage 2).
+        self.card_origin: dict | None = None
         self._micro_step, self._micro_step_of = 0, -1
         # [{"checkpoint", "step", "changed": {field: [old, new]}}]: resumes that changed settings (card, JSON).
         self.resumed_with_changes: list[dict] = []
@@ -508,6 +510,7 @@ class CfftTrainer(Trainer):
             model_name=repo_id.split("/")[-1] if repo_id else Path(self.args.output_dir).resolve().name,
             tags=[*self._tag_names, *extra_tags],
             global_step=self.state.global_step,
+            origin=self.card_origin,
         )
         card_kwargs.update({key: value for key, value in overrides.items() if value is not None})
         values = self.args.to_dict()

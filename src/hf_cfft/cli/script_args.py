@@ -11,8 +11,9 @@ import collections
 import difflib
 import logging
 import os
+import sys
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
@@ -280,12 +281,47 @@ def default_model(model_name_or_path: str | None, dataset_name: str, flag: str =
     ``flag`` names the recipe's option in the error raised outside the world.
     """
     if model_name_or_path is not None:
+        check_model_source(model_name_or_path, flag)
         return model_name_or_path
     if dataset_name != WORLD:
         raise ValueError(f"{flag} is required outside the embedded world (e.g. openai/clip-vit-base-patch32)")
     from ..world import world_clip_path
 
     return str(world_clip_path())
+
+
+def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
+    """Refuse a model folder that does not exist, before transformers turns it into a Hub lookup.
+
+    ``name`` counts as a folder when it reads as a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) or its first component
+    is an existing local folder (``outputs/world_lp_ft_stage1`` once ``outputs/`` exists).
+    """
+    if os.path.isdir(os.path.expanduser(name)):
+        return
+    first = name.split("/", 1)[0]
+    if name.startswith((".", "/", "~")) or name.count("/") >= 2 or ("/" in name and os.path.isdir(first)):
+        raise FileNotFoundError(
+            f"{flag} {name!r}: no such folder (relative paths are read from the working directory {os.getcwd()}). "
+            "If it is the output of an earlier run (e.g. LP-FT stage 1: recipes/configs/baselines/lp_ft_stage1.yaml), "
+            "run that first; if it is a Hub id, check its spelling"
+        )
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+
+
+def run_recipe(main: Callable[[], object]) -> None:
+    """Run a recipe's ``main``: an error the user caused prints one message and exits with status 2.
+
+    ``HF_CFFT_TRACEBACK=1`` shows the traceback instead (for bug reports).
+    """
+    try:
+        main()
+    except USER_ERRORS as error:
+        if os.environ.get("HF_CFFT_TRACEBACK"):
+            raise
+        print(f"error: {error}\n(set HF_CFFT_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _truncated(dataset: Dataset, max_samples: int | None) -> Dataset:
