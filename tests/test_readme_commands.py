@@ -104,7 +104,8 @@ def test_every_readme_command_runs_and_says_what_it_produced(tmp_path):
     assert "| vanilla FT (beta 0) |" in done.stdout and "OOD average against zero-shot:" in done.stdout
     # Twice in a row: the second run refuses, in one message that says what to do.
     again = _run(MAIN_JOB, work, clip, images, WORLD_SMALL)
-    assert again.returncode == 2 and "Traceback" not in again.stderr.split("error:")[-1]
+    # (accelerate launch exits 1 and adds its own CalledProcessError traceback after the recipe's message.)
+    assert again.returncode != 0 and "Traceback" not in again.stderr.split("error: output_dir")[0]
     assert "already holds a finished model" in again.stderr and "--overwrite_output_dir true" in again.stderr
 
     assert _last_line(_run(YOUR_DATA, work, clip, images, MINE_SMALL)).startswith("Saved the fine-tuned model")
@@ -125,7 +126,7 @@ def test_every_readme_command_runs_and_says_what_it_produced(tmp_path):
         _last_line(_run(SOUP, work, clip, images))
         == "Saved the uniform soup of 3 models (weights, image processor, card) to soup"
     )
-    assert _last_line(_run(VISUALIZE, work, clip, images)).startswith("Saved")
+    assert _last_line(_run(VISUALIZE, work, clip, images)).startswith("Wrote grid.png (")
     assert (work / "grid.png").is_file()
 
     # No ImageNet here: the command says so in one message.

@@ -332,3 +332,32 @@ def test_card_headline_and_tags_follow_the_method(tiny_config, training, origin,
         assert "Hyper-parameters" not in card.text and "object-mask" not in card.text
     if tag == "knowledge-distillation":
         assert "FT+FD" not in card.text and "temperature 10" in card.text
+
+
+# ---- 14. errors a user causes: one message ----
+
+
+def test_missing_model_folder_is_named_before_any_hub_lookup(tmp_path, monkeypatch):
+    from hf_cfft.cli.script_args import default_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"'outputs/world_lp_ft_stage1': no such folder .*LP-FT stage 1"):
+        default_model("outputs/world_lp_ft_stage1", "world")
+    assert default_model("openai/clip-vit-base-patch32", "world") == "openai/clip-vit-base-patch32"  # a Hub id
+
+
+def test_recipe_errors_print_one_line_without_traceback(capsys, monkeypatch):
+    from hf_cfft.cli.script_args import run_recipe
+
+    def main():
+        raise ValueError("mask_threshold=1.5 must lie in (0, 1)")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_recipe(main)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: mask_threshold=1.5 must lie in (0, 1)") and "Traceback" not in err
+    monkeypatch.setenv("HF_CFFT_TRACEBACK", "1")
+    with pytest.raises(ValueError):
+        run_recipe(main)

@@ -8,7 +8,10 @@ weight decay skips biases and LayerNorms, and the schedule is transformers' line
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cached_property
 
 import torch
 from transformers import TrainingArguments
@@ -211,6 +214,17 @@ class CfftConfig(TrainingArguments):
             self.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every dataloader
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns=True would drop the image column before the transform; use False")
+
+    @cached_property
+    def _setup_devices(self):
+        # transformers passes ddp_timeout to the process group on GPUs only: with use_cpu (gloo) a hung process
+        # would keep the others waiting for torch's default 30 minutes whatever --ddp_timeout says. Starting the
+        # group here, with the timeout, is what the Trainer then uses (accelerate keeps an initialised group).
+        if self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(
+                backend=self.ddp_backend or "gloo", timeout=timedelta(seconds=self.ddp_timeout)
+            )
+        return TrainingArguments._setup_devices.func(self)
 
     @property
     def uses_counterfactuals(self) -> bool:

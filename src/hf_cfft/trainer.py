@@ -169,7 +169,25 @@ class CfftTrainer(Trainer):
                 changes = {key: list(values) for key, values in changed.items()}
                 entry = {"checkpoint": Path(checkpoint).name, "step": step, "changed": changes}
                 self.resumed_with_changes.append(entry)
-        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        except RuntimeError as error:
+            if args.world_size > 1 and _lost_a_peer(error):
+                raise LostProcessError(self._lost_peer_message(error)) from error
+            raise
+
+    def _lost_peer_message(self, error: BaseException) -> str:
+        args = self.args
+        last = latest_complete_checkpoint(args.output_dir)
+        first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        return (
+            f"process {args.process_index} of {args.world_size} stopped at step {self.state.global_step + 1}: "
+            f"another process died or hung (waited at most ddp_timeout={args.ddp_timeout} s; "
+            f"{type(error).__name__}: {first_line}). "
+            + (f"The newest complete checkpoint is {last}: " if last else "No checkpoint was saved yet: ")
+            + "find why the other process stopped (its log, memory, the node), then resume with "
+            "--resume_from_checkpoint auto; a lower --ddp_timeout fails faster"
+        )
 
     # ---- the data pipeline ----
 
@@ -519,6 +537,19 @@ class CfftTrainer(Trainer):
         card_kwargs["training_args"] = values | {"world_size": self.args.world_size}
         write_model_card(output_dir, **card_kwargs)
         (Path(output_dir) / TRAINING_ARGS_JSON).write_text(json.dumps(values, indent=2) + "\n")
+
+
+class LostProcessError(RuntimeError):
+    """Another process of a multi-process run died or hung; the message says where to resume from."""
+
+
+_PEER_LOST = ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe", "nccl")
+
+
+def _lost_a_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another process is gone or stuck (gloo/NCCL wording)."""
+    text = str(error).lower()
+    return isinstance(error, torch.distributed.DistBackendError) or any(word in text for word in _PEER_LOST)
 
 
 def _earlier_changes(checkpoint: str) -> list[dict]:

@@ -22,6 +22,7 @@ from datasets import Dataset
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..evaluation import results_table, write_report
+from ..trainer import LostProcessError
 from .sources import WORLD, class_names_of, load_image_splits
 
 # Keys a fine-tuning YAML lends to the post-hoc recipes (WiSE-FT, soups, zero-shot, pictures): the data and the
@@ -307,7 +308,8 @@ def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
         )
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+# Errors with a message written for the user (the cause and the fix): no traceback needed.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, LostProcessError)
 
 
 def run_recipe(main: Callable[[], object]) -> None:
