@@ -39,7 +39,7 @@ from hf_cfft.cli.script_args import (
 )
 from hf_cfft.cli.sources import WORLD, class_names_for
 from hf_cfft.evaluation import evaluate_splits
-from hf_cfft.release.checkpoints import resolve_resume_checkpoint
+from hf_cfft.release.checkpoints import check_run_folder, resolve_resume_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "world.yaml"
 VANILLA_ROW = "vanilla FT (beta 0)"
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.process_index == 0:
         print(f"Config: {config} (flags override it)" if config else "Config: none (CfftConfig defaults + flags)")
     model_args.model_name_or_path = default_model(model_args.model_name_or_path, data_args.dataset_name)
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    check_run_folder(args, resume)  # before hours of data loading and CAMs; the trainer checks again
 
     train, splits = load_train_and_eval_splits(data_args, seed=args.seed)
     class_names = class_names_for(model_args.class_names, train, data_args.label_column)
@@ -102,7 +104,6 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = None
     if model_args.teacher_name_or_path:
         teacher = load_classifier(model_args.teacher_name_or_path, class_names=class_names)
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     trainer = CfftTrainer(
         model=model, args=args, teacher=teacher, train_dataset=train, processing_class=image_processor, **columns
     )

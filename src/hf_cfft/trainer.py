@@ -34,10 +34,9 @@ from .losses import counterfactual_loss
 from .masking import cam_patch_mask, make_counterfactuals
 from .modeling import ClipCfftForImageClassification
 from .release.checkpoints import (
-    changed_args,
     check_output_dir,
+    check_run_folder,
     latest_complete_checkpoint,
-    refuse_changed_resume,
     resolve_resume_checkpoint,
 )
 from .release.hub import EXCLUDED_FILES, files_to_upload
@@ -151,17 +150,12 @@ class CfftTrainer(Trainer):
         """
         args = self.args
         checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, args.output_dir)
-        if checkpoint is None:
-            if args.overwrite_output_dir:
-                if args.should_save:
-                    check_output_dir(args.output_dir, resuming=False, overwrite=True)
-                self.accelerator.wait_for_everyone()
-            else:
-                check_output_dir(args.output_dir, resuming=False, overwrite=False)
-        else:
-            changed = changed_args(checkpoint, args.to_dict())
-            if changed and not args.allow_changed_args_on_resume:
-                refuse_changed_resume(checkpoint, changed)
+        changed = check_run_folder(args, checkpoint)
+        if checkpoint is None and args.overwrite_output_dir:
+            if args.should_save:
+                check_output_dir(args.output_dir, resuming=False, overwrite=True)
+            self.accelerator.wait_for_everyone()
+        if checkpoint is not None:
             self.resumed_with_changes = _earlier_changes(checkpoint)
             if changed:
                 logger.warning("Resuming %s with changed settings: %s", checkpoint, changed)

@@ -201,3 +201,20 @@ def refuse_changed_resume(checkpoint: str, changed: Mapping[str, tuple[Any, Any]
         f"checkpoint's settings ({flags}), start a new run in another --output_dir, or pass "
         "--allow_changed_args_on_resume true to continue anyway (the model card then records the change)"
     )
+
+
+def check_run_folder(args: Any, checkpoint: str | None) -> dict[str, tuple[Any, Any]]:
+    """Read-only checks before a run (a `CfftConfig` ``args``, the resolved ``checkpoint`` or None); raise or pass.
+
+    A fresh run (``checkpoint`` None) into a folder holding another run is refused unless
+    ``args.overwrite_output_dir``; a resume with changed settings unless ``args.allow_changed_args_on_resume``.
+    Returns the changed settings that were allowed ({} when none). Cheap, so recipes call it before loading data.
+    """
+    if checkpoint is None:
+        if not args.overwrite_output_dir:
+            check_output_dir(args.output_dir, resuming=False, overwrite=False)
+        return {}
+    changed = changed_args(checkpoint, args.to_dict())
+    if changed and not args.allow_changed_args_on_resume:
+        refuse_changed_resume(checkpoint, changed)
+    return changed
