@@ -212,6 +212,13 @@ def test_config_file_mistakes_name_the_key(tmp_path, text, message):
         _recipe().parse_args(["--config", str(config)])
 
 
+def test_config_keys_that_take_a_string_or_a_list_accept_a_string(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("report_to: tensorboard\neval_splits: [test_id]\n")
+    _, data_args, args, _ = _recipe().parse_args(["--config", str(config), "--output_dir", "o"])
+    assert args.report_to == ["tensorboard"] and data_args.eval_splits == ["test_id"]
+
+
 def test_post_hoc_recipes_accept_a_finetune_config_but_not_a_typo(tmp_path):
     from dataclasses import dataclass
 

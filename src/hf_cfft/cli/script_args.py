@@ -148,9 +148,11 @@ def flag_value(argv: list[str], flag: str) -> str | None:
 
 
 def _expects_list(annotation) -> bool:
+    """A list type, or a union of list types and None (``report_to: str | list[str]`` takes a string too)."""
     if typing.get_origin(annotation) is list or annotation is list:
         return True
-    return any(_expects_list(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+    options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    return bool(options) and all(_expects_list(arg) for arg in options)
 
 
 def read_config(
