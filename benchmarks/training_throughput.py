@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -133,12 +134,16 @@ def _run(args: argparse.Namespace, device: torch.device) -> str:
 
     load_before = machine_description(device)
     times = {case.name: Measurement() for case in cases}
+    bar = tqdm(total=(args.warmup + args.repeats) * len(cases), desc="timing steps", unit="step")
     for round_index in range(args.warmup + args.repeats):
         for case in cases:
+            bar.set_postfix_str(case.name)
+            bar.update()
             wall, cpu = timed(case.step, device)
             if round_index >= args.warmup:
                 times[case.name].wall.append(wall)
                 times[case.name].cpu.append(cpu)
+    bar.close()
     load_after = machine_description(device)
 
     memory, flops = {}, {}

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoImageProcessor, HfArgumentParser
 
 from hf_cfft import is_cfft_checkpoint, load_class_names, load_classifier, load_templates
-from hf_cfft.cli.script_args import default_model
+from hf_cfft.cli.script_args import default_model, run_recipe
 from hf_cfft.cli.sources import WORLD, class_names_for, load_image_splits
 from hf_cfft.evaluation import (
     RunResult,
@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     with open(os.path.join(args.output_dir, "results.md")) as f:
         print(f.read())
+    print(f"Wrote results.json, results.md and effective_robustness.png to {args.output_dir}")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

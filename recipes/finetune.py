@@ -9,8 +9,10 @@ Every CfftConfig / TrainingArguments field is a flag; see `--help`.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
-from dataclasses import dataclass, field
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,53 +28,66 @@ from hf_cfft import (
 from hf_cfft.callbacks import CounterfactualImagesCallback
 from hf_cfft.cli.script_args import (
     DataArguments,
+    FinetuneArguments,
+    ModelArguments,
     default_model,
+    flag_value,
     load_train_and_eval_splits,
     parse_with_config,
+    run_recipe,
     write_results,
 )
-from hf_cfft.cli.sources import class_names_for
+from hf_cfft.cli.sources import WORLD, class_names_for
 from hf_cfft.evaluation import evaluate_splits
-from hf_cfft.release.checkpoints import resolve_resume_checkpoint
+from hf_cfft.release.checkpoints import check_run_folder, resolve_resume_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "world.yaml"
+VANILLA_ROW = "vanilla FT (beta 0)"
 
 
-@dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "CLIP, MetaCLIP 2, SigLIP or fixed-resolution SigLIP 2 checkpoint (Hub id or folder; its zero-shot"
-            " head is built on the fly) or a saved hf_cfft classifier folder. Default: the tiny CLIP shipped with "
-            "hf_cfft for the embedded world."
-        },
-    )
-    class_names: str | None = field(
-        default=None,
-        metadata={"help": "'imagenet', a text file with one class name per line, or empty: the dataset's ClassLabel."},
-    )
-    templates: str = field(
-        default="simple",
-        metadata={"help": "Prompt templates: 'openai_imagenet', 'simple', 'world', or a text file, one per line."},
-    )
-    teacher_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Distil from this saved classifier (e.g. a WiSE-FT model) instead of the pre-trained starting "
-            "point. It must have the same classes."
-        },
-    )
+def config_in_force(argv: list[str]) -> str | None:
+    """The YAML whose values the flags override: ``--config FILE``, else the world's config on the world, else none.
+
+    The world's config holds the embedded world's data, splits and tuned knobs; on another dataset (``--dataset_name``)
+    the `CfftConfig` defaults (the paper's setting) apply instead.
+    """
+    if flag_value(argv, "--config") is not None:
+        return flag_value(argv, "--config")
+    return str(DEFAULT_CONFIG) if flag_value(argv, "--dataset_name") in (None, WORLD) else None
 
 
-def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, CfftConfig]:
-    """CLI flags over a YAML file (--config; with no flags at all, the embedded-world config)."""
-    return parse_with_config((ModelArguments, DataArguments, CfftConfig), argv, default_config=str(DEFAULT_CONFIG))
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, CfftConfig, FinetuneArguments]:
+    """CLI flags over the config in force (`config_in_force`)."""
+    types = (ModelArguments, DataArguments, CfftConfig, FinetuneArguments)
+    default_help = "Default: recipes/configs/world.yaml when --dataset_name is world (the default), else none."
+    return parse_with_config(types, argv, default_config=config_in_force(argv), default_config_help=default_help)
+
+
+def vanilla_config(args: CfftConfig, output_dir: str) -> CfftConfig:
+    """``args`` as vanilla fine-tuning (beta 0, no masks) with the same data, steps and seed; it saves nothing."""
+    return dataclasses.replace(
+        args,
+        distill_weight=0.0,
+        mask_kind="none",
+        fill_kind="none",
+        output_dir=output_dir,
+        save_strategy="no",
+        push_to_hub=False,
+        report_to="none",
+        resume_from_checkpoint=None,
+        overwrite_output_dir=False,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    model_args, data_args, args, run_args = parse_args(argv)
+    config = config_in_force(argv)
+    if args.process_index == 0:
+        print(f"Config: {config} (flags override it)" if config else "Config: none (CfftConfig defaults + flags)")
     model_args.model_name_or_path = default_model(model_args.model_name_or_path, data_args.dataset_name)
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    check_run_folder(args, resume)  # before hours of data loading and CAMs; the trainer checks again
 
     train, splits = load_train_and_eval_splits(data_args, seed=args.seed)
     class_names = class_names_for(model_args.class_names, train, data_args.label_column)
@@ -83,12 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
         templates=load_templates(model_args.templates),
         show_progress=args.process_index == 0,
     )
+    vanilla_start = copy.deepcopy(model) if run_args.compare_with_vanilla else None
     image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
     columns = {"image_column": data_args.image_column, "label_column": data_args.label_column}
     teacher = None
     if model_args.teacher_name_or_path:
         teacher = load_classifier(model_args.teacher_name_or_path, class_names=class_names)
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     trainer = CfftTrainer(
         model=model, args=args, teacher=teacher, train_dataset=train, processing_class=image_processor, **columns
     )
@@ -98,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"Training on {len(trainer.train_dataset)} images with {args.world_size} process(es) on {args.device}.")
     trainer.base_model, trainer.dataset_name = model_args.model_name_or_path, data_args.dataset_name
     trainer.ood_splits = data_args.ood_splits
+    if is_cfft_checkpoint(model_args.model_name_or_path):  # e.g. LP-FT's second stage: the card says so
+        trainer.card_origin = {"kind": "trained", "from_classifier": True}
     if "tensorboard" in args.report_to:  # pictures of the counterfactuals the student's CAM picks
         CounterfactualImagesCallback.from_dataset(
             train, image_processor, every_n_steps=max(1, int(args.logging_steps) * 10), **columns
@@ -116,14 +133,60 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.log_metrics("train", train_result.metrics)
     if splits and trainer.is_world_process_zero():
         results["fine-tuned"] = evaluate_splits(trainer.model, splits, image_processor, **evaluate_kwargs)
-        print("\nTop-1 accuracy (%)\n" + write_results(results, args.output_dir, data_args, stem="eval_results"))
+        write_results(results, args.output_dir, data_args, stem="eval_results")
         trainer.eval_results = results
     # After evaluation, so the model card (and a --push_to_hub upload) carries the results table.
     trainer.save_model(args.output_dir)
+    if vanilla_start is not None:
+        results = _with_vanilla_row(results, vanilla_start, args, train, splits, image_processor, evaluate_kwargs)
+        if trainer.is_world_process_zero():
+            trainer.eval_results = results
+            trainer.create_model_card()  # the card's table gains the vanilla row
+    if splits and trainer.is_world_process_zero():
+        table = write_results(results, args.output_dir, data_args, stem="eval_results")
+        print("\nTop-1 accuracy (%)\n" + table + _ood_summary(results, args))
     trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        print(f"Saved the fine-tuned model, its model card and eval_results.json/.md to {args.output_dir}")
     return results
+
+
+def _with_vanilla_row(results, start_model, args, train, splits, image_processor, evaluate_kwargs) -> dict:
+    """``results`` with vanilla fine-tuning's row (trained here, not saved) before the "fine-tuned" row."""
+    with tempfile.TemporaryDirectory(prefix="vanilla_ft_") as scratch:
+        vanilla = CfftTrainer(
+            model=start_model,
+            args=vanilla_config(args, scratch),
+            train_dataset=train,
+            processing_class=image_processor,
+            image_column=evaluate_kwargs["image_column"],
+            label_column=evaluate_kwargs["label_column"],
+        )
+        if args.process_index == 0:
+            print("Training vanilla fine-tuning (beta 0, no masks; same data, steps, seed) for comparison.")
+        vanilla.train()
+        if not (splits and vanilla.is_world_process_zero()):
+            return results
+        row = evaluate_splits(vanilla.model, splits, image_processor, **evaluate_kwargs)
+    ordered = {key: value for key, value in results.items() if key != "fine-tuned"}
+    ordered[VANILLA_ROW] = row
+    ordered["fine-tuned"] = results["fine-tuned"]
+    return ordered
+
+
+def _ood_summary(results: dict, args: CfftConfig) -> str:
+    """One line: OOD average of each row against the zero-shot model's (what fine-tuning kept or lost)."""
+    base = results.get("zero-shot", {}).get("ood_avg")
+    if base is None or VANILLA_ROW not in results:
+        return ""
+    parts = [f"zero-shot {base:.1f}"]
+    this_run = f"this run ({args.mask_kind}-mask, beta {args.distill_weight:g})"
+    for name, label in ((VANILLA_ROW, "vanilla FT"), ("fine-tuned", this_run)):
+        value = results[name]["ood_avg"]
+        parts.append(f"{label} {value:.1f} ({value - base:+.1f})")
+    return "\nOOD average against zero-shot: " + ", ".join(parts)
 
 
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    main()
+    run_recipe(main)

@@ -5,7 +5,8 @@
         --config recipes/configs/world.yaml                       # its dataset, eval and OOD splits
 
 The ingredients must be fine-tunings of the same CLIP with the same classes (e.g. different seeds or learning
-rates). --save_model writes the soup (safetensors + the first model's image processor) to --output_dir; with
+rates). The soup (safetensors, the first model's image processor, a card naming the members) goes to --output_dir
+(--save_model false: evaluate only); with
 --eval_splits every ingredient and the soup are evaluated into <output_dir>/results.json and results.md.
 """
 
@@ -27,9 +28,11 @@ from hf_cfft.cli.script_args import (
     load_eval_splits,
     parse_with_config,
     resolve_device,
+    run_recipe,
     write_results,
 )
 from hf_cfft.evaluation import evaluate_splits
+from hf_cfft.release.model_card import write_origin_card
 
 SOUP_ROW = "uniform soup"
 
@@ -38,7 +41,9 @@ SOUP_ROW = "uniform soup"
 class SoupArguments:
     models: list[str] = field(default_factory=list, metadata={"help": "Saved fine-tuned classifier folders."})
     output_dir: str | None = field(default=None, metadata={"help": "Where results (and the soup) are written."})
-    save_model: bool = field(default=False, metadata={"help": "Save the soup to --output_dir."})
+    save_model: bool = field(
+        default=True, metadata={"help": "Save the soup (weights, image processor, card) to --output_dir."}
+    )
     evaluate_ingredients: bool = field(default=True, metadata={"help": "Also evaluate every ingredient."})
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
     seed: int = field(default=0, metadata={"help": "Seed of the embedded world's splits (as in finetune)."})
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.models or args.output_dir is None:
         raise ValueError("--models (one or more classifier folders) and --output_dir are required")
     if not args.save_model and not data_args.eval_splits:
-        raise ValueError("nothing to do: pass --save_model, --eval_splits, or both")
+        raise ValueError("nothing to do with --save_model false: pass --eval_splits, or leave --save_model on")
     device = resolve_device(args.device)
     # Ingredients stay on the CPU: N models on the accelerator at once is what a soup of large models cannot afford.
     ingredients = [load_classifier(path).eval() for path in args.models]
@@ -62,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.save_model:
         soup.save_pretrained(args.output_dir)
         image_processor.save_pretrained(args.output_dir)
+        write_origin_card(args.output_dir, {"kind": "soup", "members": list(args.models)})
 
     splits = load_eval_splits(data_args, args.seed)
     results: dict[str, dict[str, float]] = {}
@@ -74,8 +80,14 @@ def main(argv: list[str] | None = None) -> dict:
                 model.cpu()
         results[SOUP_ROW] = evaluate_splits(soup.to(device), splits, image_processor, **kwargs)
         print("\nUniform soup, top-1 accuracy (%)\n" + write_results(results, args.output_dir, data_args))
+        print(f"Wrote {os.path.join(args.output_dir, 'results.json')} and results.md")
+    if args.save_model:
+        print(
+            f"Saved the uniform soup of {len(args.models)} models (weights, image processor, card) to "
+            f"{args.output_dir}"
+        )
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

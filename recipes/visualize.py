@@ -27,6 +27,7 @@ from hf_cfft.cli.script_args import (
     default_model,
     parse_with_config,
     resolve_device,
+    run_recipe,
 )
 from hf_cfft.cli.sources import WORLD, class_names_for, load_image_splits
 from hf_cfft.masking import FILL_KINDS
@@ -105,4 +106,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -7,7 +7,8 @@
     python recipes/wise_ft.py --zero_shot_model outputs/zs --fine_tuned_model outputs/ft --alphas 0.5 \
         --save_models --output_dir outputs/wise_ft
 
-Each alpha is saved to <output_dir>/alpha_0.50/ (safetensors + image processor) with --save_models, and evaluated
+Each alpha is saved to <output_dir>/alpha_0.50/ (safetensors, image processor, model_origin.json with alpha and both
+endpoints, and a model card) with --save_models, and evaluated
 on --eval_splits; accuracies go to <output_dir>/results.json and results.md (rewritten after every alpha).
 The dataset flags are recipes/finetune.py's; --config reads them (and templates, seed) from a finetune YAML.
 """
@@ -31,10 +32,12 @@ from hf_cfft.cli.script_args import (
     load_eval_splits,
     parse_with_config,
     resolve_device,
+    run_recipe,
     write_results,
 )
 from hf_cfft.cli.sources import WORLD
 from hf_cfft.evaluation import evaluate_splits
+from hf_cfft.release.model_card import write_origin_card
 
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 
@@ -100,11 +103,21 @@ def main(argv: list[str] | None = None) -> dict:
     if len(set(alphas.values())) != len(set(map(float, args.alphas))):
         raise ValueError(f"--alphas {args.alphas} has values that round to the same folder; use 2 decimals")
     results: dict[str, dict[str, float]] = {}
+    saved: list[str] = []
     for name, alpha in alphas.items():
         model = wise_ft(zero_shot, fine_tuned, alpha)
         if args.save_models:
-            model.save_pretrained(os.path.join(args.output_dir, name))
-            image_processor.save_pretrained(os.path.join(args.output_dir, name))
+            folder = os.path.join(args.output_dir, name)
+            model.save_pretrained(folder)
+            image_processor.save_pretrained(folder)
+            origin = {
+                "kind": "wise_ft",
+                "alpha": alpha,
+                "zero_shot": zero_shot_path,
+                "fine_tuned": args.fine_tuned_model,
+            }
+            write_origin_card(folder, origin, dataset_name=data_args.dataset_name)
+            saved.append(folder)
         if splits:
             kwargs = evaluate_kwargs(data_args, args.per_device_eval_batch_size, device)
             results[name] = evaluate_splits(model, splits, image_processor, **kwargs)
@@ -112,8 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
         del model
     if splits:
         print("\nWiSE-FT, top-1 accuracy (%)\n" + table)
+        print(f"Wrote {os.path.join(args.output_dir, 'results.json')} and results.md")
+    if saved:
+        print(f"Saved {len(saved)} WiSE-FT model(s) (alpha, endpoints and card in each): {', '.join(saved)}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

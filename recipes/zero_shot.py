@@ -25,10 +25,12 @@ from hf_cfft.cli.script_args import (
     load_eval_splits,
     parse_with_config,
     resolve_device,
+    run_recipe,
     write_results,
 )
 from hf_cfft.cli.sources import WORLD, class_names_of, load_image_splits
 from hf_cfft.evaluation import evaluate_splits
+from hf_cfft.release.model_card import write_origin_card
 
 ZERO_SHOT_ROW = "zero-shot"
 
@@ -77,7 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
     image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
     model.save_pretrained(args.output_dir)
     image_processor.save_pretrained(args.output_dir)
-    print(f"Saved the zero-shot classifier ({len(names)} classes, {len(templates)} templates) to {args.output_dir}")
+    origin = {"kind": "zero_shot", "templates": len(templates)}
+    write_origin_card(args.output_dir, origin, base_model=args.model_name_or_path, dataset_name=data_args.dataset_name)
+    print(
+        f"Saved the zero-shot classifier ({len(names)} classes, {len(templates)} templates) and its card to "
+        f"{args.output_dir}"
+    )
 
     results: dict[str, dict[str, float]] = {}
     if splits:
@@ -89,4 +96,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -233,7 +233,7 @@ def test_every_baseline_config_parses_on_the_world(finetune):
     ])  # fmt: skip
     outputs = set()
     for name in names:
-        model_args, data_args, args = _parse(finetune, name)
+        model_args, data_args, args, _ = _parse(finetune, name)
         assert data_args.dataset_name == "world" and model_args.templates == "world"
         assert data_args.ood_splits == ["ood_shuffled", "ood_swapped", "ood_novel", "ood_style"]
         assert data_args.eval_splits[0] == "test_id" and args.learning_rate == 3e-4 and args.seed == 0
@@ -242,25 +242,25 @@ def test_every_baseline_config_parses_on_the_world(finetune):
 
 
 def test_baseline_configs_set_their_knobs(finetune):
-    _, _, vanilla = _parse(finetune, "vanilla_ft.yaml")
+    _, _, vanilla, _ = _parse(finetune, "vanilla_ft.yaml")
     assert vanilla.distill_weight == 0 and not vanilla.linear_probe and not vanilla.uses_counterfactuals
 
-    _, _, probe = _parse(finetune, "linear_probe.yaml")
+    _, _, probe, _ = _parse(finetune, "linear_probe.yaml")
     assert probe.linear_probe and probe.distill_weight == 0
 
-    _, _, fd = _parse(finetune, "ft_fd.yaml")
+    _, _, fd, _ = _parse(finetune, "ft_fd.yaml")
     assert (fd.mask_kind, fd.fill_kind, fd.distill_target) == ("none", "none", "features") and fd.distill_weight > 0
 
-    _, _, kd = _parse(finetune, "ft_kd.yaml")
+    _, _, kd, _ = _parse(finetune, "ft_kd.yaml")
     assert kd.distill_target == "logits" and kd.mask_kind == "none" and kd.distill_weight > 0
 
-    _, _, stage1 = _parse(finetune, "lp_ft_stage1.yaml")
-    stage2_model, _, stage2 = _parse(finetune, "lp_ft_stage2.yaml")
+    _, _, stage1, _ = _parse(finetune, "lp_ft_stage1.yaml")
+    stage2_model, _, stage2, _ = _parse(finetune, "lp_ft_stage2.yaml")
     assert stage1.linear_probe and not stage2.linear_probe and stage2.distill_weight == 0
     assert stage2_model.model_name_or_path == stage1.output_dir
 
-    teacher_model, _, cfft = _parse(finetune, "cfft_wise_teacher.yaml")
+    teacher_model, _, cfft, _ = _parse(finetune, "cfft_wise_teacher.yaml")
     assert teacher_model.teacher_name_or_path == "outputs/world_wise_ft/alpha_0.50"
-    _, _, world_default = _parse(finetune, "../world.yaml")
+    _, _, world_default, _ = _parse(finetune, "../world.yaml")
     assert (cfft.mask_kind, cfft.fill_kind) == ("object", "single")
     assert cfft.distill_weight == world_default.distill_weight == fd.distill_weight

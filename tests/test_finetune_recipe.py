@@ -72,7 +72,7 @@ def test_recipe_trains_saves_and_reloads_identically(workspace, tmp_path):
 def test_recipe_fine_tuning_moves_weights_but_not_the_teacher(workspace, tmp_path):
     clip, images = workspace
     recipe = _recipe()
-    model_args, data_args, args = recipe.parse_args(_args(clip, images, tmp_path / "run"))
+    model_args, data_args, args, _ = recipe.parse_args(_args(clip, images, tmp_path / "run"))
     assert args.mask_kind == "object" and args.fill_kind == "single" and args.distill_weight == 30.0
     recipe.main(_args(clip, images, tmp_path / "run"))
     tuned = load_file(str(tmp_path / "run" / "model.safetensors"))
@@ -85,7 +85,7 @@ def test_yaml_config_with_cli_override(workspace, tmp_path):
     clip, images = workspace
     config = tmp_path / "c.yaml"
     config.write_text("mask_kind: random\nfill_kind: multi\nmask_ratio: 0.25\nlearning_rate: 1.0e-4\n")
-    _, _, args = _recipe().parse_args(["--config", str(config), "--learning_rate", "2e-4", "--output_dir", "x"])
+    _, _, args, _ = _recipe().parse_args(["--config", str(config), "--learning_rate", "2e-4", "--output_dir", "x"])
     assert (args.mask_kind, args.fill_kind, args.mask_ratio, args.learning_rate) == ("random", "multi", 0.25, 2e-4)
 
 
@@ -122,7 +122,7 @@ def test_accelerate_launch_two_processes(workspace, tmp_path, cam_source):
 def test_paper_configs_hold_the_paper_settings(name):
     # bf16 needs a GPU when the arguments are validated; everything else is checked as written.
     path = str(ROOT / "recipes" / "configs" / name)
-    _, data_args, args = _recipe().parse_args(["--config", path, "--bf16", "false"])
+    _, data_args, args, _ = _recipe().parse_args(["--config", path, "--bf16", "false"])
     assert (args.mask_kind, args.fill_kind, args.mask_threshold, args.distill_weight) == (
         "object",
         "single",

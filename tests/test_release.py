@@ -242,7 +242,16 @@ def _api(**failures) -> mock.MagicMock:
 def test_push_uploads_model_processor_code_and_card_but_no_pickles(tiny_classifier, tmp_path):
     folder = _release_dir(tiny_classifier, tmp_path / "run")
     api = _api()
+    staged = {}
 
+    def upload_folder(folder_path, **kwargs):
+        # What huggingface_hub itself would select from the uploaded folder with these patterns:
+        on_disk = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        patterns = {key: kwargs[key] for key in ("allow_patterns", "ignore_patterns")}
+        selected = filter_repo_objects(on_disk, **patterns)
+        staged.update({name: Path(folder_path, name).read_bytes() for name in selected})
+
+    api.upload_folder.side_effect = upload_folder
     url = push_model_dir(
         folder, "me/clip-cfft", revision="v1", private=True, api=api, dataset_name="someone/pets",
         ood_splits=["ood_a", "ood_b"],
@@ -252,11 +261,10 @@ def test_push_uploads_model_processor_code_and_card_but_no_pickles(tiny_classifi
     api.create_repo.assert_called_once_with("me/clip-cfft", token=None, private=True, exist_ok=True)
     api.create_branch.assert_called_once_with("me/clip-cfft", branch="v1", token=None, exist_ok=True)
     upload = api.upload_folder.call_args.kwargs
-    assert (upload["repo_id"], upload["revision"], upload["folder_path"]) == ("me/clip-cfft", "v1", str(folder))
-    on_disk = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-    # What huggingface_hub itself would select with these patterns:
-    patterns = {key: upload[key] for key in ("allow_patterns", "ignore_patterns")}
-    uploaded = set(filter_repo_objects(on_disk, **patterns))
+    assert (upload["repo_id"], upload["revision"]) == ("me/clip-cfft", "v1")
+    uploaded = set(staged)
+    # The uploaded files are the folder's own bytes; the card is written into the folder once the push succeeded.
+    assert all(staged[name] == (folder / name).read_bytes() for name in uploaded)
     expected = {
         "README.md", "config.json", "model.safetensors", "modeling.py", "preprocessor_config.json",
         "eval_results.json", "training_args.json",
@@ -283,6 +291,11 @@ def test_failed_push_keeps_every_local_file_and_prints_the_retry_command(
     failure, tiny_classifier, tmp_path, capsys, monkeypatch
 ):
     folder = _release_dir(tiny_classifier, tmp_path / "my run")
+    # The trainer's card: base model, step count and ID/OOD labels, which a regenerated card would not all know.
+    write_model_card(
+        folder, model_config=tiny_classifier.config, training_args=METHOD, base_model="openai/clip-vit-base-patch32",
+        results=RESULTS, ood_splits=["ood_a", "ood_b"], global_step=7,
+    )  # fmt: skip
     before = _snapshot(folder)
     api = _api(**failure)
     monkeypatch.setattr("hf_cfft.release.hub.HfApi", lambda: api)
@@ -292,8 +305,7 @@ def test_failed_push_keeps_every_local_file_and_prints_the_retry_command(
 
     assert exit_info.value.code == 1
     after = _snapshot(folder)
-    assert set(after) == set(before) | {"README.md"}  # the card was written before the upload; nothing else moved
-    assert all(after[name] == data for name, data in before.items())
+    assert after == before, "a failed push must leave every local file byte-identical (the card included)"
     message = capsys.readouterr().err
     step = "creating the repo" if "create_repo" in failure else "uploading"
     assert step in message and type(next(iter(failure.values()))).__name__ in message

@@ -39,7 +39,15 @@ class Pause(TrainerCallback):
 class PausingTrainer(recipe.CfftTrainer):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
-        self.add_callback(Pause())
+        if not os.environ.get("STOP_LATE"):
+            self.add_callback(Pause())
+
+    def _save_rng_state(self, output_dir):
+        # STOP_LATE: pause inside the checkpoint write, after the weights and optimizer, before trainer_state.json.
+        super()._save_rng_state(output_dir)
+        if os.environ.get("STOP_LATE") and self.state.global_step == stop_after:
+            open(flag, "w").close()
+            time.sleep(600)
 
 recipe.CfftTrainer = PausingTrainer
 recipe.main(sys.argv[2:])
@@ -111,6 +119,40 @@ def test_sigkilled_run_resumes_to_the_same_weights_bitwise(workspace, tmp_path, 
     assert expected.keys() == got.keys()
     different = [name for name in expected if not torch.equal(expected[name], got[name])]
     assert not different, f"resumed weights differ from the uninterrupted run in {different[:5]}"
+
+
+def test_kill_late_in_a_checkpoint_write_is_skipped_on_resume(workspace, tmp_path):
+    """SIGKILL after checkpoint-6's weights are complete but before its trainer_state.json: resume from 3, bitwise."""
+    clip, images = workspace
+    method = ["--mask_kind", "object", "--fill_kind", "single"]
+    whole = _run([str(RECIPE), *_args(clip, images, tmp_path / "whole", *method)])
+    _, err = whole.communicate(timeout=240)
+    assert whole.returncode == 0, err.decode()[-3000:]
+
+    flag, killed_dir, driver = tmp_path / "paused", tmp_path / "killed", tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    child = _run(
+        [str(driver), str(RECIPE), *_args(clip, images, killed_dir, *method)],
+        env={"STOP_AFTER": "6", "STOP_FLAG": str(flag), "STOP_LATE": "1"},
+    )
+    deadline = time.time() + 240
+    while not flag.exists():
+        assert child.poll() is None, child.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the child never reached its checkpoint"
+        time.sleep(0.1)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    late = killed_dir / "checkpoint-6"
+    assert (late / "model.safetensors").is_file() and not (late / "trainer_state.json").exists()
+    assert any("trainer_state.json" in problem for problem in checkpoint_problems(str(late)))
+    assert latest_complete_checkpoint(str(killed_dir)).endswith("checkpoint-3")
+
+    resumed = _run([str(RECIPE), *_args(clip, images, killed_dir, *method), "--resume_from_checkpoint", "auto"])
+    _, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err.decode()[-3000:]
+    assert "Skipping incomplete checkpoint" in err.decode() and "checkpoint-6" in err.decode()
+    expected, got = _weights(tmp_path / "whole"), _weights(killed_dir)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
 def test_truncated_checkpoint_is_skipped_and_never_loaded(workspace, tmp_path, caplog):
@@ -198,6 +240,57 @@ def test_two_processes_match_one_process_with_the_same_global_batch(workspace, t
             continue
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith("checkpoint")) == []
+
+
+_HANG_DRIVER = """
+import importlib.util, os, signal, sys
+from transformers import TrainerCallback
+spec = importlib.util.spec_from_file_location("finetune_recipe", sys.argv[1])
+recipe = importlib.util.module_from_spec(spec); sys.modules[spec.name] = recipe; spec.loader.exec_module(recipe)
+
+class HangRankOne(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.process_index == 1 and state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGSTOP)  # hung: alive, but never joins the next all-reduce
+
+class Trainer(recipe.CfftTrainer):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.add_callback(HangRankOne())
+
+recipe.CfftTrainer = Trainer
+recipe.run_recipe(lambda: recipe.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="two CPU processes via accelerate launch")
+def test_a_hung_process_makes_the_other_exit_within_ddp_timeout_with_a_message(workspace, tmp_path):
+    clip, images = workspace
+    driver = tmp_path / "hang.py"
+    driver.write_text(_HANG_DRIVER)
+    launch = [
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(driver), str(RECIPE),
+    ]  # fmt: skip
+    started = time.time()
+    child = subprocess.Popen(
+        [sys.executable, *launch, *_args(clip, images, tmp_path / "run", "--ddp_timeout", "20", "--max_steps", "6")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _, err = child.communicate(timeout=240)
+    finally:
+        if child.poll() is None:  # it did not end by itself: stop every process it started (torchrun's ranks too)
+            import psutil
+
+            for process in [*psutil.Process(child.pid).children(recursive=True), psutil.Process(child.pid)]:
+                process.kill()
+    message = err.decode()
+    assert child.returncode != 0 and time.time() - started < 240
+    assert "process 0 of 2 stopped at step 3: another process died or hung (waited at most ddp_timeout=20 s" in message
+    assert "--resume_from_checkpoint auto" in message
 
 
 # ---- bad input: each row of docs/reliability.md ----

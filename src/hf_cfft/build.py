@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from .families import family_for_model_type, family_of
+from .head_checks import check_zeroshot_head
 from .modeling import CfftClassifierConfig, CfftImageClassifier, ClipCfftConfig, ClipCfftForImageClassification
 from .zeroshot import build_zeroshot_head
 
@@ -122,4 +123,5 @@ def load_classifier(
     pretrained = family.model_class.from_pretrained(model_name_or_path, **from_pretrained_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
     weights, bias = build_zeroshot_head(pretrained, tokenizer, class_names, templates, show_progress=show_progress)
+    check_zeroshot_head(weights, class_names, tokenizer, model_name_or_path)
     return classifier_from_pretrained(pretrained, weights, class_names, head_bias=bias)

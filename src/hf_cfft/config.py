@@ -8,8 +8,12 @@ weight decay skips biases and LayerNorms, and the schedule is transformers' line
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cached_property
 
+import torch
 from transformers import TrainingArguments
 
 from .cam import CAM_METHODS
@@ -19,6 +23,11 @@ from .masking import FILL_KINDS, MASK_KINDS
 
 CAM_SOURCES = ("teacher", "student")
 AUGMENTATIONS = ("none", "flip", "crop_flip")
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6 (CUDA, XPU, MPS, ...)
+    return torch.cuda.is_available() or bool(accelerator and accelerator.is_available())
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -107,6 +116,29 @@ class CfftConfig(TrainingArguments):
     skip_corrupt_images: bool = field(
         default=False, metadata={"help": "Drop unreadable train images (and report how many) instead of failing."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a fresh run in an output_dir that holds another run's model or checkpoints, removing "
+            "them first. Without it such a folder is refused (resuming with --resume_from_checkpoint is allowed)."
+        },
+    )
+    allow_changed_args_on_resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume although the method or optimisation settings differ from the checkpoint's "
+            "training_args.json (refused otherwise); the model card records the changed fields."
+        },
+    )
+
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resume training: 'auto' (or 'true') = the newest complete checkpoint-N in output_dir (a fresh "
+            "start when there is none), or a checkpoint-N folder. The run's settings must match the checkpoint's "
+            "(see --allow_changed_args_on_resume)."
+        },
+    )
 
     # Method-required defaults of TrainingArguments fields (TRL's idiom: defaults, not mutations in the trainer).
     remove_unused_columns: bool = field(
@@ -164,8 +196,35 @@ class CfftConfig(TrainingArguments):
                 f"fill_kind={self.fill_kind!r} refills from other images of the batch, but "
                 f"per_device_train_batch_size={self.per_device_train_batch_size}; use >= 2"
             )
+        if self.fp16 and (self.use_cpu or not _has_accelerator()):
+            raise ValueError(
+                "fp16=True is not supported on the CPU (no CUDA device found, or use_cpu=True): pass "
+                "--bf16 true --use_cpu true for CPU mixed precision, or leave both off for float32"
+            )
+        if self.push_to_hub and str(getattr(self.hub_strategy, "value", self.hub_strategy)) in (
+            "checkpoint",
+            "all_checkpoints",
+        ):
+            raise ValueError(
+                f"hub_strategy={getattr(self.hub_strategy, 'value', self.hub_strategy)!r} uploads checkpoint folders "
+                "with their pickled optimizer, scheduler and RNG states; hf_cfft never uploads pickles: use "
+                "--hub_strategy every_save or end (checkpoints stay local for resuming)"
+            )
+        if self.dataloader_pin_memory and (self.use_cpu or not _has_accelerator()):
+            self.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every dataloader
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns=True would drop the image column before the transform; use False")
+
+    @cached_property
+    def _setup_devices(self):
+        # transformers passes ddp_timeout to the process group on GPUs only: with use_cpu (gloo) a hung process
+        # would keep the others waiting for torch's default 30 minutes whatever --ddp_timeout says. Starting the
+        # group here, with the timeout, is what the Trainer then uses (accelerate keeps an initialised group).
+        if self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(
+                backend=self.ddp_backend or "gloo", timeout=timedelta(seconds=self.ddp_timeout)
+            )
+        return TrainingArguments._setup_devices.func(self)
 
     @property
     def uses_counterfactuals(self) -> bool:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import json
+import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,7 +22,9 @@ import datasets
 import torch
 from torch.optim.lr_scheduler import OneCycleLR
 from transformers import Trainer
-from transformers.utils import logging
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import HubStrategy
+from transformers.utils import PushInProgress, hf_api, logging
 
 from ._forward import call_as_forward
 from .cam import CamRecorder, compute_cam
@@ -28,6 +33,13 @@ from .data import CounterfactualCollator, prepare_train_dataset
 from .losses import counterfactual_loss
 from .masking import cam_patch_mask, make_counterfactuals
 from .modeling import ClipCfftForImageClassification
+from .release.checkpoints import (
+    check_output_dir,
+    check_run_folder,
+    latest_complete_checkpoint,
+    resolve_resume_checkpoint,
+)
+from .release.hub import EXCLUDED_FILES, files_to_upload
 from .release.model_card import TRAINING_ARGS_JSON, write_model_card
 
 logger = logging.get_logger(__name__)
@@ -60,7 +72,7 @@ class CfftTrainer(Trainer):
         Other keyword arguments go to `transformers.Trainer`.
     """
 
-    _tag_names = ["hf_cfft", "clip", "robust-fine-tuning", "counterfactual-fine-tuning"]
+    _tag_names = ["hf_cfft", "clip", "robust-fine-tuning"]  # + the method's own tag (model_card.method_info)
     # compute_loss returns per-micro-batch means (equal-sized batches: dataloader_drop_last), so the Trainer divides
     # by the accumulation steps itself.
     loss_is_scaled_for_ga = False
@@ -119,7 +131,57 @@ class CfftTrainer(Trainer):
         self.dataset_name: str | None = None
         self.eval_results: dict[str, dict[str, float]] | None = None
         self.ood_splits: list[str] | None = None
+        # {"kind": "trained", "from_classifier": True} when training starts from a saved classifier (LP-FT stage 2).
+        self.card_origin: dict | None = None
         self._micro_step, self._micro_step_of = 0, -1
+        # [{"checkpoint", "step", "changed": {field: [old, new]}}]: resumes that changed settings (card, JSON).
+        self.resumed_with_changes: list[dict] = []
+
+    # ---- the run folder: a fresh run never lands on another run; a resume never mixes two configs ----
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """`Trainer.train`, guarding the run folder first.
+
+        ``resume_from_checkpoint``: a checkpoint path, or True / "auto" for the newest *complete* checkpoint of
+        ``output_dir`` (a fresh start when there is none). A fresh run into an ``output_dir`` that holds another run
+        is refused unless ``args.overwrite_output_dir`` (which removes that run first); a resume whose method or
+        optimisation settings differ from the checkpoint's ``training_args.json`` is refused unless
+        ``args.allow_changed_args_on_resume`` (the change is then recorded in the card and the JSON).
+        """
+        args = self.args
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, args.output_dir)
+        changed = check_run_folder(args, checkpoint)
+        if checkpoint is None and args.overwrite_output_dir:
+            if args.should_save:
+                check_output_dir(args.output_dir, resuming=False, overwrite=True)
+            self.accelerator.wait_for_everyone()
+        if checkpoint is not None:
+            self.resumed_with_changes = _earlier_changes(checkpoint)
+            if changed:
+                logger.warning("Resuming %s with changed settings: %s", checkpoint, changed)
+                step = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step")
+                changes = {key: list(values) for key, values in changed.items()}
+                entry = {"checkpoint": Path(checkpoint).name, "step": step, "changed": changes}
+                self.resumed_with_changes.append(entry)
+        try:
+            return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        except RuntimeError as error:
+            if args.world_size > 1 and _lost_a_peer(error):
+                raise LostProcessError(self._lost_peer_message(error)) from error
+            raise
+
+    def _lost_peer_message(self, error: BaseException) -> str:
+        args = self.args
+        last = latest_complete_checkpoint(args.output_dir)
+        first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        return (
+            f"process {args.process_index} of {args.world_size} stopped at step {self.state.global_step + 1}: "
+            f"another process died or hung (waited at most ddp_timeout={args.ddp_timeout} s; "
+            f"{type(error).__name__}: {first_line}). "
+            + (f"The newest complete checkpoint is {last}: " if last else "No checkpoint was saved yet: ")
+            + "find why the other process stopped (its log, memory, the node), then resume with "
+            "--resume_from_checkpoint auto; a lower --ddp_timeout fails faster"
+        )
 
     # ---- the data pipeline ----
 
@@ -345,8 +407,6 @@ class CfftTrainer(Trainer):
         return (parts["loss"], outputs) if return_outputs else parts["loss"]
 
     def _stop_on_non_finite_loss(self, parts: dict[str, torch.Tensor]) -> None:
-        from .release.checkpoints import latest_complete_checkpoint
-
         last = latest_complete_checkpoint(self.args.output_dir)
         raise FloatingPointError(
             f"non-finite loss at step {self.state.global_step + 1} (task loss {parts['task_loss'].item()}, "
@@ -377,7 +437,42 @@ class CfftTrainer(Trainer):
         """
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
-            self._write_release_files(output_dir if output_dir is not None else self.args.output_dir)
+            folder = output_dir if output_dir is not None else self.args.output_dir
+            # transformers pickles the args beside every model; hf_cfft keeps them as training_args.json only, so
+            # no folder (and no push of one) ever holds a pickle.
+            Path(folder, TRAINING_ARGS_NAME).unlink(missing_ok=True)
+            self._write_release_files(folder)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """The push of every save (``hub_strategy='every_save'``), without transformers' pickled training args.
+
+        transformers' own version writes ``training_args.bin`` into ``output_dir`` just before uploading it; this
+        one copies the checkpoint's model files (`files_to_upload`: no pickles) and uploads exactly those.
+        """
+        args = self.args
+        if not self.is_world_process_zero() or args.hub_strategy == HubStrategy.END:
+            return
+        if not args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(args, self.state, self.control)
+        for name in files_to_upload(checkpoint_folder):
+            target = Path(args.output_dir, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(os.path.join(checkpoint_folder, name), target)
+        job = hf_api().upload_folder(
+            repo_id=self.hub_model_id,
+            folder_path=args.output_dir,
+            commit_message=f"Training in progress, step {self.state.global_step}",
+            token=args.hub_token,
+            run_as_future=True,
+            allow_patterns=files_to_upload(args.output_dir),
+            ignore_patterns=list(EXCLUDED_FILES),
+            revision=args.hub_revision,
+        )
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            self.push_in_progress.jobs.append(job)
 
     def create_model_card(
         self,
@@ -427,7 +522,33 @@ class CfftTrainer(Trainer):
             model_name=repo_id.split("/")[-1] if repo_id else Path(self.args.output_dir).resolve().name,
             tags=[*self._tag_names, *extra_tags],
             global_step=self.state.global_step,
+            origin=self.card_origin,
         )
         card_kwargs.update({key: value for key, value in overrides.items() if value is not None})
+        values = self.args.to_dict()
+        if self.resumed_with_changes:
+            values["resumed_with_changes"] = self.resumed_with_changes
+        card_kwargs["training_args"] = values | {"world_size": self.args.world_size}
         write_model_card(output_dir, **card_kwargs)
-        (Path(output_dir) / TRAINING_ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")
+        (Path(output_dir) / TRAINING_ARGS_JSON).write_text(json.dumps(values, indent=2) + "\n")
+
+
+class LostProcessError(RuntimeError):
+    """Another process of a multi-process run died or hung; the message says where to resume from."""
+
+
+_PEER_LOST = ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe", "nccl")
+
+
+def _lost_a_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another process is gone or stuck (gloo/NCCL wording)."""
+    text = str(error).lower()
+    return isinstance(error, torch.distributed.DistBackendError) or any(word in text for word in _PEER_LOST)
+
+
+def _earlier_changes(checkpoint: str) -> list[dict]:
+    """The changed-settings resumes a checkpoint's ``training_args.json`` records (carried into the next saves)."""
+    path = Path(checkpoint) / TRAINING_ARGS_JSON
+    if not path.is_file():
+        return []
+    return list(json.loads(path.read_text(encoding="utf-8")).get("resumed_with_changes", []))

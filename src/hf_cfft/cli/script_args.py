@@ -6,17 +6,23 @@ every recipe stays a thin script and no recipe imports another.
 
 from __future__ import annotations
 
+import argparse
+import collections
+import difflib
 import logging
 import os
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+import sys
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 import yaml
 from datasets import Dataset
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 from ..evaluation import results_table, write_report
+from ..trainer import LostProcessError
 from .sources import WORLD, class_names_of, load_image_splits
 
 # Keys a fine-tuning YAML lends to the post-hoc recipes (WiSE-FT, soups, zero-shot, pictures): the data and the
@@ -51,7 +57,147 @@ class DataArguments:
     label_column: str = field(default="label", metadata={"help": "Label column name."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the train split (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate each eval split."})
-    evaluate_zero_shot: bool = field(default=True, metadata={"help": "Also evaluate the model before fine-tuning."})
+    evaluate_zero_shot: bool = field(
+        default=True,
+        metadata={
+            "help": "Evaluate the starting model (CLIP's zero-shot classifier) on --eval_splits before fine-tuning; "
+            "'--evaluate_zero_shot false' (or --no_evaluate_zero_shot) skips that evaluation."
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.eval_splits, str) or isinstance(self.ood_splits, str):
+            raise ValueError("eval_splits and ood_splits are lists of split names, e.g. eval_splits=['test']")
+        not_evaluated = [split for split in self.ood_splits if split not in self.eval_splits]
+        if not_evaluated:
+            raise ValueError(
+                f"ood_splits {not_evaluated} are not among eval_splits {self.eval_splits}; add them to --eval_splits "
+                "or remove them from --ood_splits (a config's ood_splits stay in force unless --ood_splits is given)"
+            )
+
+
+@dataclass
+class ModelArguments:
+    """The model recipes/finetune.py starts from, its head's class names and templates, and its teacher."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "CLIP, MetaCLIP 2, SigLIP or fixed-resolution SigLIP 2 checkpoint (Hub id or folder; its zero-shot"
+            " head is built on the fly) or a saved hf_cfft classifier folder. Default: the tiny CLIP shipped with "
+            "hf_cfft for the embedded world."
+        },
+    )
+    class_names: str | None = field(
+        default=None,
+        metadata={"help": "'imagenet', a text file with one class name per line, or empty: the dataset's ClassLabel."},
+    )
+    templates: str = field(
+        default="simple",
+        metadata={"help": "Prompt templates: 'openai_imagenet', 'simple', 'world', or a text file, one per line."},
+    )
+    teacher_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Distil from this saved classifier (e.g. a WiSE-FT model) instead of the pre-trained starting "
+            "point. It must have the same classes."
+        },
+    )
+
+
+@dataclass
+class FinetuneArguments:
+    """What recipes/finetune.py does beyond the one training run."""
+
+    compare_with_vanilla: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train vanilla fine-tuning (distill_weight 0, no masks; same data, steps and seed) in the "
+            "same job and add its row to the results table, so the OOD accuracy the method keeps is visible. The "
+            "vanilla model is evaluated, not saved. On in the embedded world's config."
+        },
+    )
+
+
+CONFIG_HELP = (
+    "A YAML file of flag values (keys = flag names). Flags given on the command line override it. Relative paths in "
+    "it are read relative to the working directory, not to the file."
+)
+
+
+def _config_file_in(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the ``--config`` file or None, argv without it); ``--config=FILE`` works too."""
+    for at, arg in enumerate(argv):
+        if arg == "--config":
+            if at + 1 >= len(argv) or argv[at + 1].startswith("--"):
+                raise ValueError("--config needs a YAML file path, e.g. --config recipes/configs/world.yaml")
+            return argv[at + 1], argv[:at] + argv[at + 2 :]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], argv[:at] + argv[at + 1 :]
+    return None, list(argv)
+
+
+def flag_value(argv: list[str], flag: str) -> str | None:
+    """The value given to ``flag`` (``--flag X`` or ``--flag=X``; the last one wins), or None."""
+    value = None
+    for at, arg in enumerate(argv):
+        if arg == flag and at + 1 < len(argv):
+            value = argv[at + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _expects_list(annotation) -> bool:
+    """A list type, or a union of list types and None (``report_to: str | list[str]`` takes a string too)."""
+    if typing.get_origin(annotation) is list or annotation is list:
+        return True
+    options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    return bool(options) and all(_expects_list(arg) for arg in options)
+
+
+def read_config(
+    config_file: str, dataclass_types: Iterable[type], *, also_known: Iterable[str] = (), config_keys=None
+) -> dict:
+    """The YAML ``config_file`` as flag defaults for ``dataclass_types``, checked key by key.
+
+    A key no dataclass has (nor ``also_known``: keys that other recipes read from the same file) is refused with its
+    name and the closest known ones; a scalar where a list is expected (``eval_splits: test_id``) is refused with the
+    list form. ``config_keys`` limits which keys are taken (the rest are known but ignored).
+    """
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(
+            f"config file {config_file!r} does not exist (relative paths are read from the working directory "
+            f"{os.getcwd()}); pass an existing YAML file, e.g. --config recipes/configs/world.yaml"
+        )
+    with open(config_file) as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"config file {config_file} must hold 'key: value' lines, got a {type(config).__name__}")
+    hints = {}
+    for cls in dataclass_types:
+        hints.update({f.name: typing.get_type_hints(cls).get(f.name) for f in fields(cls)})
+    known = set(hints) | set(also_known)
+    unknown = [key for key in config if key not in known]
+    if unknown:
+        hints_text = "; ".join(
+            f"{key!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+            for key in unknown
+            for close in [difflib.get_close_matches(key, sorted(known), n=2)]
+        )
+        raise ValueError(
+            f"config file {config_file} has unknown key(s) {hints_text}; every key must be a flag of this recipe "
+            "(see --help). Fix the spelling or remove the key"
+        )
+    if config_keys is not None:
+        config = {key: value for key, value in config.items() if key in set(config_keys) and key in hints}
+    for key, value in config.items():
+        if key in hints and _expects_list(hints[key]) and value is not None and not isinstance(value, list):
+            raise ValueError(
+                f"config file {config_file}: {key} expects a list, got {type(value).__name__} {value!r}; write it "
+                f"as a YAML list, e.g. '{key}: [{value}]'"
+            )
+    return config
 
 
 def parse_with_config(
@@ -60,32 +206,77 @@ def parse_with_config(
     *,
     default_config: str | None = None,
     config_keys: Iterable[str] | None = None,
+    default_config_help: str | None = None,
 ) -> tuple:
-    """Parse ``argv`` into ``dataclass_types``, CLI flags over the YAML given with ``--config FILE``.
+    """Parse ``argv`` into ``dataclass_types``: CLI flags override the YAML in force.
 
-    ``default_config`` is read when ``argv`` is empty. ``config_keys`` limits which YAML keys are taken (default:
-    all); keys that none of the dataclasses has are ignored only when ``config_keys`` is given.
+    The YAML in force is the one given with ``--config FILE``, else ``default_config`` (None: only the dataclass
+    defaults). ``config_keys`` limits which YAML keys are taken (the post-hoc recipes read the data and model keys of
+    a fine-tuning YAML); with it, keys that fine-tuning knows are accepted and ignored, any other key is refused.
+    ``default_config_help`` ends the help of ``--config`` (say which file is the default, and when).
     """
     parser = HfArgumentParser(dataclass_types)
-    config_file = None
-    if "--config" in argv:
-        at = argv.index("--config")
-        if at + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path")
-        config_file, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
-    elif not argv and default_config is not None:
-        config_file = default_config
+    _group_the_help(parser, dataclass_types, trains=config_keys is None)
+    parser.add_argument(
+        "--config", metavar="FILE", default=None, help=CONFIG_HELP + " " + (default_config_help or "Default: none.")
+    )
+    if "-h" in argv or "--help" in argv:
+        parser.parse_args(argv)  # prints the help (with --config) and exits
+    config_file, argv = _config_file_in(argv)
+    config_file = config_file if config_file is not None else default_config
     if config_file is not None:
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"config file {config_file!r} does not exist")
-        with open(config_file) as f:
-            config = yaml.safe_load(f) or {}
+        also_known, keys = (), None
         if config_keys is not None:
-            known = {f.name for cls in dataclass_types for f in fields(cls)}
-            wanted = set(config_keys) | {f.name for f in fields(DataArguments)}
-            config = {k: v for k, v in config.items() if k in wanted and k in known}
+            also_known, keys = _FINETUNE_KEYS(), set(config_keys) | {f.name for f in fields(DataArguments)}
+        config = read_config(config_file, dataclass_types, also_known=also_known, config_keys=keys)
         parser.set_defaults(**config)
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False, return_remaining_strings=True)
+    *outputs, remaining = parsed
+    # The --config entry of the namespace comes back as its own (last) namespace.
+    outputs = [out for out in outputs if is_dataclass(out)]
+    if remaining:
+        raise ValueError(f"unknown flag(s) {remaining}; see --help for the flags of this recipe")
+    return tuple(outputs)
+
+
+# DataArguments fields that only a training recipe reads; the post-hoc recipes do not list them in --help.
+_TRAIN_ONLY_FLAGS = ("world_train_correlation", "max_train_samples", "evaluate_zero_shot")
+
+
+def _group_the_help(parser: HfArgumentParser, dataclass_types: tuple, *, trains: bool) -> None:
+    """--help in groups, the method's knobs first: CfftConfig's own fields, then model and data, then the rest.
+
+    HfArgumentParser lists every flag in one group, the 600-odd TrainingArguments flags before the method's.
+    """
+    from ..config import CfftConfig
+
+    own = {f.name for f in fields(CfftConfig)} - {f.name for f in fields(TrainingArguments)}
+    recipe_fields = {f.name for cls in dataclass_types if cls is not CfftConfig for f in fields(cls)}
+    groups = []
+    if CfftConfig in dataclass_types:
+        groups.append((parser.add_argument_group("counterfactual fine-tuning: the method's knobs"), own))
+    groups.append((parser.add_argument_group("model, data and what this recipe does"), recipe_fields))
+    for action in parser._actions:
+        if isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no_"):
+            action.help = f"The same as --{action.dest} false."
+    for group, names in groups:
+        for action in list(parser._optionals._group_actions):
+            if action.dest in names:
+                parser._optionals._group_actions.remove(action)
+                group._group_actions.append(action)
+                if not trains and action.dest in _TRAIN_ONLY_FLAGS:
+                    action.help = argparse.SUPPRESS
+    if CfftConfig in dataclass_types:
+        parser._optionals.title = "training: transformers.TrainingArguments"
+    # argparse prints groups in order: the new ones before the TrainingArguments flags.
+    parser._action_groups = [parser._action_groups[0], *parser._action_groups[2:], parser._action_groups[1]]
+
+
+def _FINETUNE_KEYS() -> set[str]:
+    """Every key a fine-tuning YAML may hold (recipes/finetune.py's dataclasses)."""
+    from ..config import CfftConfig
+
+    return {f.name for cls in (ModelArguments, DataArguments, CfftConfig, FinetuneArguments) for f in fields(cls)}
 
 
 def default_model(model_name_or_path: str | None, dataset_name: str, flag: str = "--model_name_or_path") -> str:
@@ -94,12 +285,48 @@ def default_model(model_name_or_path: str | None, dataset_name: str, flag: str =
     ``flag`` names the recipe's option in the error raised outside the world.
     """
     if model_name_or_path is not None:
+        check_model_source(model_name_or_path, flag)
         return model_name_or_path
     if dataset_name != WORLD:
         raise ValueError(f"{flag} is required outside the embedded world (e.g. openai/clip-vit-base-patch32)")
     from ..world import world_clip_path
 
     return str(world_clip_path())
+
+
+def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
+    """Refuse a model folder that does not exist, before transformers turns it into a Hub lookup.
+
+    ``name`` counts as a folder when it reads as a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) or its first component
+    is an existing local folder (``outputs/world_lp_ft_stage1`` once ``outputs/`` exists).
+    """
+    if os.path.isdir(os.path.expanduser(name)):
+        return
+    first = name.split("/", 1)[0]
+    if name.startswith((".", "/", "~")) or name.count("/") >= 2 or ("/" in name and os.path.isdir(first)):
+        raise FileNotFoundError(
+            f"{flag} {name!r}: no such folder (relative paths are read from the working directory {os.getcwd()}). "
+            "If it is the output of an earlier run (e.g. LP-FT stage 1: recipes/configs/baselines/lp_ft_stage1.yaml), "
+            "run that first; if it is a Hub id, check its spelling"
+        )
+
+
+# Errors with a message written for the user (the cause and the fix): no traceback needed.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, LostProcessError)
+
+
+def run_recipe(main: Callable[[], object]) -> None:
+    """Run a recipe's ``main``: an error the user caused prints one message and exits with status 2.
+
+    ``HF_CFFT_TRACEBACK=1`` shows the traceback instead (for bug reports).
+    """
+    try:
+        main()
+    except USER_ERRORS as error:
+        if os.environ.get("HF_CFFT_TRACEBACK"):
+            raise
+        print(f"error: {error}\n(set HF_CFFT_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _truncated(dataset: Dataset, max_samples: int | None) -> Dataset:
@@ -116,8 +343,41 @@ def load_train_and_eval_splits(data_args: DataArguments, seed: int) -> tuple[Dat
         world_seed=seed,
         world_train_correlation=data_args.world_train_correlation,
     )
-    train = _truncated(splits.pop(data_args.train_split), data_args.max_train_samples)
+    train = splits.pop(data_args.train_split)
+    check_eval_classes_are_trained(train, splits, data_args.label_column, data_args.train_split)
+    train = _truncated(train, data_args.max_train_samples)
     return train, {name: _truncated(split, data_args.max_eval_samples) for name, split in splits.items()}
+
+
+def check_eval_classes_are_trained(
+    train: Dataset, splits: Mapping[str, Dataset], label_column: str, train_split: str = "train"
+) -> None:
+    """Refuse an evaluation split with a class that has no train image (``val/unicorn/`` without ``train/unicorn/``).
+
+    An ImageFolder's classes are the union of every split's folders, so such a class would silently become a head
+    row that fine-tuning never trains. Datasets with integer labels (no ClassLabel) are compared by label value.
+    """
+    if label_column not in train.column_names:
+        return
+    trained = set(train.unique(label_column))
+    try:
+        names = class_names_of(train, label_column)
+    except ValueError:
+        names = None
+    for split, dataset in splits.items():
+        if label_column not in dataset.column_names:
+            continue
+        untrained = sorted(set(dataset.unique(label_column)) - trained)
+        if untrained:
+            shown = [names[label] if names else label for label in untrained]
+            counts = collections.Counter(dataset.select_columns([label_column])[label_column])
+            detail = ", ".join(f"{name!r} ({counts[label]} images)" for name, label in zip(shown[:10], untrained))
+            detail += ", ..." if len(untrained) > 10 else ""
+            raise ValueError(
+                f"split {split!r} has class(es) {detail} with no image in the train split {train_split!r}: the head "
+                "would keep an untrained row for each. Add train images of them, or remove them from the "
+                f"{split!r} split (for an ImageFolder: its <dir>/{split}/<class>/ folder)"
+            )
 
 
 def load_eval_splits(data_args: DataArguments, seed: int) -> dict[str, Dataset]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ..data import preprocess_images
 from .protocols import EvalSet, dataset_eval_sets
@@ -39,10 +40,12 @@ def predict_logits(
     num_workers: int = 0,
     device: torch.device | str | None = None,
     image_transform: Callable | None = None,
+    description: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits [N, K] and labels [N] of ``model`` on ``dataset`` (images preprocessed by ``image_processor``).
 
     ``image_transform``: applied to each PIL image before ``image_processor`` (e.g. ObjectNet's border crop).
+    ``description``: the progress bar's label (tqdm; silenced like transformers' bars, e.g. ``TQDM_DISABLE=1``).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
@@ -57,9 +60,13 @@ def predict_logits(
     was_training = model.training
     model.eval()
     logits, labels = [], []
+    total = len(dataset) if hasattr(dataset, "__len__") else None
+    bar = tqdm(total=total, desc=description or "evaluating", unit="image", leave=False)
     for pixels, batch_labels in loader:
+        bar.update(len(batch_labels))
         logits.append(model(pixel_values=pixels.to(device)).logits.float().cpu())
         labels.append(batch_labels)
+    bar.close()
     model.train(was_training)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
@@ -101,7 +108,12 @@ def evaluate_splits(
     results = {}
     for eval_set in splits:
         logits, labels = predict_logits(
-            model, eval_set.dataset, image_processor, image_transform=eval_set.image_transform, **predict_kwargs
+            model,
+            eval_set.dataset,
+            image_processor,
+            image_transform=eval_set.image_transform,
+            description=f"evaluating {eval_set.name}",
+            **predict_kwargs,
         )
         results[eval_set.name] = top1_accuracy(eval_set.protocol.predict(logits, restrict=restrict), labels, metric)
     present = [name for name in ood_splits if name in results]

@@ -12,8 +12,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import struct
 import zipfile
+from collections.abc import Mapping
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -109,3 +112,109 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
             "stopped. Resume with --resume_from_checkpoint auto to use the newest complete checkpoint"
         )
     return path
+
+
+# ---- a fresh run never lands on top of another run; a resume never mixes two configs ----
+
+# What a run writes into --output_dir besides checkpoint-N folders; removed (with them) by --overwrite_output_dir.
+RUN_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "config.json", "modeling.py", "preprocessor_config.json",
+    "README.md", "training_args.json", "training_args.bin", "trainer_state.json", "eval_results.json",
+    "eval_results.md", "all_results.json", "train_results.json",
+)  # fmt: skip
+
+# Fields of CfftConfig / TrainingArguments that shape what a run learns: a resume with any of them changed would
+# train half a run with one setting and half with another.
+RESUME_FIELDS = (
+    "distill_weight", "mask_kind", "fill_kind", "mask_threshold", "mask_top_fraction", "mask_ratio", "cam_method",
+    "cam_source", "distill_target", "kd_temperature", "linear_probe", "augment", "decay_all_parameters",
+    "one_cycle_schedule", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_train_epochs", "seed",
+    "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "bf16", "fp16",
+)  # fmt: skip
+
+
+def check_output_dir(output_dir: str, *, resuming: bool, overwrite: bool) -> list[str]:
+    """Refuse a fresh run into a folder that holds another run, unless ``overwrite``; then clear that run first.
+
+    Returns the entries removed (with ``overwrite``). A resumed run (``resuming``) writes into its own folder and is
+    let through. Only what a run writes is removed (`RUN_FILES`, ``checkpoint-N``); other files stay.
+    """
+    if resuming or not os.path.isdir(output_dir):
+        return []
+    entries = sorted(os.listdir(output_dir))
+    if not entries:
+        return []
+    if not overwrite:
+        checkpoints = [name for name in entries if _CHECKPOINT.match(name)]
+        holds = (
+            "a finished model (model.safetensors)"
+            if "model.safetensors" in entries
+            else f"checkpoints {', '.join(checkpoints[:3])}"
+            if checkpoints
+            else f"{len(entries)} file(s) ({', '.join(entries[:3])})"
+        )
+        raise FileExistsError(
+            f"output_dir {output_dir!r} already holds {holds} from an earlier run; a fresh run would overwrite it "
+            "and a later resume could pick up the other run's checkpoints. Pass --output_dir NEW_FOLDER for a new "
+            "run, --resume_from_checkpoint auto to continue the run in it, or --overwrite_output_dir true to "
+            "replace it"
+        )
+    removed = [name for name in entries if _CHECKPOINT.match(name) or name in RUN_FILES]
+    for name in removed:
+        path = os.path.join(output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if removed:
+        logger.warning("--overwrite_output_dir: removed %d entries of the earlier run in %s", len(removed), output_dir)
+    return removed
+
+
+def changed_args(checkpoint: str, args: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (checkpoint's value, this run's value)}`` for the `RESUME_FIELDS` that differ; {} when none do.
+
+    Reads the checkpoint's ``training_args.json`` (hf_cfft writes it into every checkpoint); a checkpoint without
+    one (written by another trainer) cannot be compared and gives {}.
+    """
+    path = os.path.join(checkpoint, "training_args.json")
+    if not os.path.isfile(path):
+        logger.warning("%s has no training_args.json: the resumed run's settings cannot be compared", checkpoint)
+        return {}
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    changed = {}
+    for key in RESUME_FIELDS:
+        if key in saved and key in args and _normalised(saved[key]) != _normalised(args[key]):
+            changed[key] = (saved[key], args[key])
+    return changed
+
+
+def _normalised(value: Any) -> Any:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def refuse_changed_resume(checkpoint: str, changed: Mapping[str, tuple[Any, Any]]) -> None:
+    """Raise, listing the changed fields, the checkpoint's values and how to resume or start anew."""
+    listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+    flags = " ".join(f"--{key} {old}" for key, (old, _) in changed.items())
+    raise ValueError(
+        f"resuming {checkpoint} with changed settings ({listed}) would mix two runs in one model. Resume with the "
+        f"checkpoint's settings ({flags}), start a new run in another --output_dir, or pass "
+        "--allow_changed_args_on_resume true to continue anyway (the model card then records the change)"
+    )
+
+
+def check_run_folder(args: Any, checkpoint: str | None) -> dict[str, tuple[Any, Any]]:
+    """Read-only checks before a run (a `CfftConfig` ``args``, the resolved ``checkpoint`` or None); raise or pass.
+
+    A fresh run (``checkpoint`` None) into a folder holding another run is refused unless
+    ``args.overwrite_output_dir``; a resume with changed settings unless ``args.allow_changed_args_on_resume``.
+    Returns the changed settings that were allowed ({} when none). Cheap, so recipes call it before loading data.
+    """
+    if checkpoint is None:
+        if not args.overwrite_output_dir:
+            check_output_dir(args.output_dir, resuming=False, overwrite=False)
+        return {}
+    changed = changed_args(checkpoint, args.to_dict())
+    if changed and not args.allow_changed_args_on_resume:
+        refuse_changed_resume(checkpoint, changed)
+    return changed

@@ -1,7 +1,8 @@
 """Push a trained model folder to the Hugging Face Hub: weights, config, remote code, image processor and card.
 
-The card is regenerated and written into the folder *before* anything goes over the network, and nothing in the
-folder is ever moved or deleted, so a failed push loses nothing: the error says what failed and how to retry.
+The card is regenerated and uploaded from a staging folder; it is written into the model folder only once the push
+has succeeded, and nothing in the folder is ever moved or deleted, so a failed push leaves the folder byte for byte
+as it was: the error says what failed and how to retry.
 Pickles (``training_args.bin``, optimizer and RNG states, ``*.pt``) are never uploaded.
 """
 
@@ -11,13 +12,14 @@ import fnmatch
 import glob
 import os
 import shlex
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, RepoUrl
+from huggingface_hub import HfApi, ModelCard, RepoUrl
 
-from .model_card import CARD_NAME, card_inputs_from_dir, write_model_card
+from .model_card import CARD_NAME, card_inputs_from_dir, render_model_card
 
 # A command every pip-installed user has (recipes/push_to_hub.py is only in a clone of the repository).
 PUSH_COMMAND = ("python", "-m", "hf_cfft.release.push")
@@ -74,6 +76,17 @@ def _check_model_dir(model_dir: Path, files: Sequence[str]) -> None:
         )
 
 
+def _stage(model_dir: Path, files: Sequence[str], staging: Path, card: ModelCard | None) -> None:
+    """``staging`` holds a link to each of ``files`` in ``model_dir`` (the card: ``card`` when given)."""
+    for name in files:
+        target = staging / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name == CARD_NAME and card is not None:
+            card.save(target)
+        else:
+            target.symlink_to((model_dir / name).resolve())
+
+
 def push_model_dir(
     model_dir: str | os.PathLike,
     repo_id: str,
@@ -91,24 +104,30 @@ def push_model_dir(
 ) -> str:
     """Upload a saved model folder to the Hub repo ``repo_id`` (created if missing); returns the repo's URL.
 
-    The card (README.md) is regenerated first from the folder's ``config.json``, ``eval_results.json`` and
+    The card (README.md) is regenerated from the folder's ``config.json``, ``eval_results.json`` and
     ``training_args.json``; base_model / dataset_name default to what an existing card records, and ood_splits
-    labels the results table's columns. ``regenerate_card=False`` uploads an existing, e.g. hand-edited, card as is.
+    labels the results table's columns; it is written into ``model_dir`` only after the upload succeeded.
+    ``regenerate_card=False`` uploads an existing, e.g. hand-edited, card as is.
     Any failure of the Hub calls raises `HubPushError` naming the failed step and the command that retries.
     """
     model_dir = Path(model_dir)
     files = files_to_upload(model_dir) if model_dir.is_dir() else []
     _check_model_dir(model_dir, files)
+    card = None
     if regenerate_card or CARD_NAME not in files:
         inputs: dict[str, Any] = card_inputs_from_dir(model_dir)
         given = dict(base_model=base_model, dataset_name=dataset_name, ood_splits=ood_splits)
         inputs.update({key: value for key, value in given.items() if value is not None})
-        write_model_card(model_dir, repo_id=repo_id, license=license, **inputs)
-        files = files_to_upload(model_dir)
+        card = render_model_card(repo_id=repo_id, license=license, local_dir=str(model_dir), **inputs)
+        files = sorted({*files, CARD_NAME})
 
     api = api if api is not None else HfApi()
     step = f"creating the repo {repo_id}"
+    # The upload reads a staging folder of links to the model's files plus the new card, so that nothing in
+    # model_dir changes unless the push succeeds (the new card is written there only then).
+    staging = tempfile.TemporaryDirectory(prefix="hf_cfft_push_")
     try:
+        _stage(model_dir, files, Path(staging.name), card)
         repo_url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
         resolved_id = repo_url.repo_id if isinstance(repo_url, RepoUrl) else repo_id
         if revision and revision != "main":
@@ -117,7 +136,7 @@ def push_model_dir(
         step = f"uploading {len(files)} files to {resolved_id}"
         api.upload_folder(
             repo_id=resolved_id,
-            folder_path=str(model_dir),
+            folder_path=staging.name,
             repo_type="model",
             revision=revision,
             commit_message=commit_message or "Upload counterfactually fine-tuned CLIP classifier (hf_cfft)",
@@ -141,8 +160,12 @@ def push_model_dir(
         )
         raise HubPushError(
             f"Push of {model_dir} to the Hub failed while {step}: {type(error).__name__}: {error}\n"
-            f"Nothing local was lost: {model_dir} is complete, with its model card. Fix the cause (network, "
+            f"Nothing local changed: {model_dir} is as it was, byte for byte. Fix the cause (network, "
             f"`hf auth login` / HF_TOKEN with write access, quota) and retry with:\n  {command}",
             command,
         ) from error
+    finally:
+        staging.cleanup()
+    if card is not None:
+        card.save(model_dir / CARD_NAME)
     return str(repo_url) if isinstance(repo_url, RepoUrl) else f"https://huggingface.co/{resolved_id}"

@@ -22,8 +22,9 @@ TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 CARD_NAME = "README.md"
 TRAINING_ARGS_JSON = "training_args.json"
 EVAL_RESULTS_JSON = "eval_results.json"
+ORIGIN_JSON = "model_origin.json"  # how a checkpoint not trained by CfftTrainer was made (WiSE-FT, soup, zero-shot)
 
-TAGS = ("hf_cfft", "clip", "vision", "image-classification", "robust-fine-tuning", "counterfactual-fine-tuning")
+TAGS = ("hf_cfft", "clip", "vision", "image-classification", "robust-fine-tuning")
 FINE_TUNED = "fine-tuned"  # the row of eval_results.json that describes this checkpoint
 OOD_AVG = "ood_avg"
 WORLD = "world"  # the embedded world's dataset name (hf_cfft.cli.sources.WORLD; the library does not import cli)
@@ -87,6 +88,79 @@ def _as_dict(obj: Any) -> dict[str, Any]:
             values.setdefault("world_size", obj.world_size)  # a property: to_dict leaves it out
         return values
     raise TypeError(f"expected a config object with to_dict() or a dict, got {type(obj).__name__}")
+
+
+def method_info(training_args: Any = None, origin: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What the card says this checkpoint is: ``{"key", "headline", "detail", "tag", "trained", "start"}``.
+
+    ``origin`` describes checkpoints not trained by `CfftTrainer`: ``{"kind": "wise_ft", "alpha", "zero_shot",
+    "fine_tuned"}``, ``{"kind": "soup", "members": [...]}`` or ``{"kind": "zero_shot", "templates": n}``; for a
+    trained one, ``{"kind": "trained", "from_classifier": True}`` marks a start from a saved classifier (LP-FT's
+    second stage). Without it, ``training_args`` (a `CfftConfig` or its dict) decides.
+    """
+    origin = dict(origin or {})
+    kind = origin.get("kind", "trained")
+    if kind == "wise_ft":
+        alpha = float(origin["alpha"])
+        ends = f"`{Path(str(origin['zero_shot'])).name}` (zero-shot) and `{Path(str(origin['fine_tuned'])).name}`"
+        return _info(
+            "wise_ft", f"made by **WiSE-FT** weight-space ensembling, alpha = {alpha:g}", "wise-ft",
+            f"The weights are (1 - alpha) * zero-shot + alpha * fine-tuned with alpha = {alpha:g}, between {ends} "
+            "(fine-tuned); no training step was run.", trained=False,
+        )  # fmt: skip
+    if kind == "soup":
+        members = [Path(str(m)).name for m in origin.get("members", [])]
+        return _info(
+            "soup", f"made as a **uniform model soup** of {len(members)} fine-tuned models", "model-soup",
+            f"The weights are the mean of {len(members)} fine-tuned classifiers: "
+            + ", ".join(f"`{m}`" for m in members) + "; no training step was run.", trained=False,
+        )  # fmt: skip
+    if kind == "zero_shot":
+        count = origin.get("templates")
+        prompts = f" averaged over {count} prompt templates" if count else ""
+        return _info(
+            "zero_shot", "built as CLIP's **zero-shot classifier** (no fine-tuning)", "zero-shot",
+            f"The head's rows are the normalised text embeddings of the class-name prompts{prompts}; the image "
+            "encoder is CLIP's, unchanged.", trained=False,
+        )  # fmt: skip
+    args = _as_dict(training_args)
+    beta = float(args.get("distill_weight", 30.0) or 0.0)
+    if args.get("linear_probe"):
+        return _info(
+            "linear_probe", "trained by **linear probing** (the head only; the image encoder is frozen)",
+            "linear-probe", "Only the linear head was trained (cross-entropy); the image encoder is unchanged.",
+        )  # fmt: skip
+    if beta == 0:
+        if origin.get("from_classifier"):
+            return _info(
+                "lp_ft", "trained by **LP-FT** (its fine-tuning stage, from a linear-probed head)", "lp-ft",
+                "The whole model was fine-tuned with cross-entropy, starting from a classifier whose head was first "
+                "trained alone (linear probe): the LP-FT baseline.", start=", a saved classifier",
+            )  # fmt: skip
+        return _info(
+            "vanilla", "trained by **vanilla fine-tuning** (cross-entropy only, beta = 0: a baseline)",
+            "vanilla-fine-tuning", "The whole model was fine-tuned with cross-entropy alone, without distillation.",
+        )  # fmt: skip
+    if args.get("mask_kind") == "none":
+        if args.get("distill_target") == "logits":
+            temperature = args.get("kd_temperature")
+            return _info(
+                "ft_kd", f"trained by **FT+KD** (fine-tuning + logit distillation on clean images, beta = {beta:g})",
+                "knowledge-distillation",
+                f"This checkpoint distils the frozen model's logits on the clean images (no masking: the FT+KD "
+                f"baseline) with beta = {beta:g}"
+                + (f" and temperature {float(temperature):g}." if temperature else "."),
+            )  # fmt: skip
+        return _info(
+            "ft_fd", f"trained by **FT+FD** (fine-tuning + feature distillation on clean images, beta = {beta:g})",
+            "feature-distillation",
+            f"This checkpoint distils on the clean images (no masking: the FT+FD baseline) with beta = {beta:g}.",
+        )  # fmt: skip
+    return _info("cfft", "fine-tuned with **counterfactual fine-tuning** (CFFT)", "counterfactual-fine-tuning", "")
+
+
+def _info(key, headline, tag, detail, *, trained=True, start=", whose zero-shot classifier initialises the head"):
+    return {"key": key, "headline": headline, "tag": tag, "detail": detail, "trained": trained, "start": start}
 
 
 def _fmt(value: Any) -> str:
@@ -275,6 +349,7 @@ def render_model_card(
     license: str | None = None,
     tags: Sequence[str] = (),
     global_step: int | None = None,
+    origin: Mapping[str, Any] | None = None,
     template_path: str | os.PathLike | None = None,
 ) -> ModelCard:
     """The model card of a `ClipCfftForImageClassification` checkpoint; sections without data are left out.
@@ -283,7 +358,8 @@ def render_model_card(
     its fields. results: ``{"zero-shot": {split: acc, ..., "ood_avg": acc}, "fine-tuned": {...}}``, accuracies in %
     as `recipes/finetune.py` writes ``eval_results.json``; the "fine-tuned" row becomes ``model-index`` (needs
     ``dataset_name``). id_split / ood_splits label the table's columns (either is enough). repo_id (or else
-    local_dir, or else model_name) is what the loading snippets load.
+    local_dir, or else model_name) is what the loading snippets load. origin: how a checkpoint not trained by
+    `CfftTrainer` was made (WiSE-FT, soup, zero-shot; see `method_info`), which the headline and tags follow.
     """
     config = _as_dict(model_config)
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else None) or "cfft-clip-classifier"
@@ -291,6 +367,9 @@ def render_model_card(
     dataset = _describe_dataset(dataset_name)
     eval_results = _eval_results(results, dataset)
     training = _as_dict(training_args)
+    info = method_info(training, origin)
+    if not info["trained"]:
+        training = {}  # a WiSE-FT end's or a soup member's training settings do not describe this checkpoint
     method = {key: training[key] for key in training if key in _METHOD_KEYS}
     if "distill_weight" in method:
         method["beta"] = _fmt(float(method["distill_weight"]))
@@ -301,7 +380,7 @@ def render_model_card(
         library_name="transformers",
         pipeline_tag="image-classification",
         license=license,
-        tags=[*TAGS, *(tag for tag in tags if tag not in TAGS)],
+        tags=list(dict.fromkeys([*TAGS, info["tag"], *tags])),
         metrics=["accuracy"] if eval_results else None,
         eval_results=eval_results or None,
     )
@@ -311,9 +390,11 @@ def render_model_card(
         model_name=model_name,
         load_id=repo_id or (str(local_dir) if local_dir is not None else model_name),
         method=method,
-        hyperparameters=hyperparameter_rows(training),
+        method_info=info,
+        hyperparameters=hyperparameter_rows(training) if training else None,
         results=_results_table(results, id_split, ood_splits),
         global_step=global_step or None,
+        resumed_with_changes=training.get("resumed_with_changes") or None,
         **base,
         **{key: dataset[key] for key in ("dataset_title", "dataset_url")},
         **_architecture(config),
@@ -342,6 +423,18 @@ def write_model_card(output_dir: str | os.PathLike, **kwargs: Any) -> Path:
     return path
 
 
+def write_origin_card(model_dir: str | os.PathLike, origin: Mapping[str, Any], **kwargs: Any) -> Path:
+    """Record how ``model_dir``'s model was made (``model_origin.json``) and write its card; returns the card's path.
+
+    For the checkpoints recipes make without training (WiSE-FT, soups, zero-shot classifiers): ``origin`` as in
+    `method_info`; ``kwargs`` go to `render_model_card` (the model's config is read from ``config.json``).
+    """
+    model_dir = Path(model_dir)
+    (model_dir / ORIGIN_JSON).write_text(json.dumps(dict(origin), indent=2) + "\n", encoding="utf-8")
+    inputs = {**card_inputs_from_dir(model_dir), **kwargs}
+    return write_model_card(model_dir, **inputs)
+
+
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         return None
@@ -352,8 +445,9 @@ def _read_json(path: Path) -> Any:
 def card_inputs_from_dir(model_dir: str | os.PathLike) -> dict[str, Any]:
     """`render_model_card` keyword arguments recovered from a saved model folder, without unpickling anything.
 
-    Reads ``config.json``, ``eval_results.json`` and ``training_args.json`` when present (``training_args.bin`` is a
-    pickle and is never loaded), and the base model and dataset recorded in an existing card's metadata.
+    Reads ``config.json``, ``eval_results.json``, ``training_args.json`` and ``model_origin.json`` when present
+    (``training_args.bin`` is a pickle and is never loaded), and the base model and dataset recorded in an existing
+    card's metadata.
     """
     model_dir = Path(model_dir)
     config = _read_json(model_dir / "config.json")
@@ -363,6 +457,7 @@ def card_inputs_from_dir(model_dir: str | os.PathLike) -> dict[str, Any]:
         "model_config": config,
         "training_args": _read_json(model_dir / TRAINING_ARGS_JSON),
         "results": _read_json(model_dir / EVAL_RESULTS_JSON),
+        "origin": _read_json(model_dir / ORIGIN_JSON),
     }
     if (model_dir / CARD_NAME).is_file():
         data = ModelCard.load(model_dir / CARD_NAME, ignore_metadata_errors=True).data
