@@ -26,8 +26,10 @@ class GreedySoup:
     tried: list[tuple[str, float, bool]] = field(default_factory=list)  # (ingredient, score with it, kept)
 
 
-def check_held_out_split(held_out_split: str | None, ood_splits: Sequence[str], test_split: str | None = None) -> str:
-    """``held_out_split``, refused when missing, one of ``ood_splits`` or the ID ``test_split``."""
+def check_held_out_split(
+    held_out_split: str | None, ood_splits: Sequence[str], reported_splits: Sequence[str] = ()
+) -> str:
+    """``held_out_split``, refused when missing, one of ``ood_splits`` or one of the ``reported_splits`` (ID test)."""
     if not held_out_split:
         raise ValueError(
             "a greedy soup needs --held_out_split: a labelled split of the ID distribution that is not reported "
@@ -38,10 +40,10 @@ def check_held_out_split(held_out_split: str | None, ood_splits: Sequence[str], 
             f"--held_out_split {held_out_split!r} is one of the OOD splits ({', '.join(ood_splits)}): choosing the "
             "soup on a distribution shift leaks it into the OOD numbers; use an ID validation split"
         )
-    if held_out_split == test_split:
+    if held_out_split in reported_splits:
         raise ValueError(
-            f"--held_out_split {held_out_split!r} is the ID test split that is reported: the soup would be chosen on "
-            "its own test set; use a separate ID validation split"
+            f"--held_out_split {held_out_split!r} is also an evaluated split ({', '.join(reported_splits)}): the soup "
+            "would be chosen on the test set it is reported on; use a separate ID validation split"
         )
     return held_out_split
 

@@ -465,7 +465,7 @@ def check_compare_data(data_args, held_out_split: str | None, *, greedy: bool) -
     if not ids:
         raise ValueError(f"every eval split {eval_splits} is OOD; put the ID test split first in --eval_splits")
     if greedy:
-        check_held_out_split(held_out_split, ood, ids[0])
+        check_held_out_split(held_out_split, ood, eval_splits)
     return ids[0]
 
 
