@@ -182,3 +182,17 @@ def test_compare_under_accelerate_launch_two_processes(workspace, tmp_path):
         "FT+FD|1|2 steps|0", "WiSE-FT|0.5|2 steps|0", "vanilla FT|0|2 steps|0",
     ]  # fmt: skip
     assert (out / "frontier.png").is_file() and "## Summary" in (out / "compare.md").read_text()
+
+
+def test_compare_runs_flyp_and_lp_ft_as_curves_of_one_point(workspace, tmp_path):
+    clip, images = workspace
+    out = tmp_path / "cmp"
+    _recipe().main(["--methods", "flyp", "lp_ft", "--output_dir", str(out), *_finetune_flags(clip, images)])
+    assert sorted(row_key(r) for r in read_rows(out)) == [
+        "FLYP|0|2 steps|0",
+        "LP-FT|0|2 steps|0",
+        "linear probe|0|2 steps|0",
+    ]
+    # LP-FT started from the probe's folder: the probe's run is kept, and it is a saved classifier.
+    assert (out / "runs" / "linear_probe_0_2_steps_0" / "model.safetensors").is_file()
+    assert "FLYP" in (out / "summary.md").read_text() or "LP-FT" in (out / "summary.md").read_text()
