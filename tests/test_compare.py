@@ -13,7 +13,7 @@ import pytest
 from _builders import save_tiny_clip, write_imagefolder
 from PIL import Image
 
-from hf_cfft.cli.compare import METHODS, parse_compare_args, plan_cells, with_dependencies
+from hf_cfft.cli.compare_grid import METHODS, parse_compare_args, plan_cells, with_dependencies
 from hf_cfft.evaluation.frontier import Point, best_at_id, plain_summary, read_rows, row_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,3 +196,16 @@ def test_compare_runs_flyp_and_lp_ft_as_curves_of_one_point(workspace, tmp_path)
     # LP-FT started from the probe's folder: the probe's run is kept, and it is a saved classifier.
     assert (out / "runs" / "linear_probe_0_2_steps_0" / "model.safetensors").is_file()
     assert "FLYP" in (out / "summary.md").read_text() or "LP-FT" in (out / "summary.md").read_text()
+
+
+def test_compare_without_keep_models_deletes_runs_once_nothing_needs_them(workspace, tmp_path):
+    clip, images = workspace
+    out = tmp_path / "cmp"
+    argv = ["--methods", "ft", "wise_ft", "--alphas", "0.5", "--no_keep_models", "--output_dir", str(out)]
+    _recipe().main([*argv, *_finetune_flags(clip, images)])
+    assert len(read_rows(out)) == 2 and not any((out / "runs").iterdir()), "the vanilla run outlived its WiSE-FT"
+    # A WiSE-FT alpha added later needs the deleted run: it is trained again, and its row is not duplicated.
+    _recipe().main([*argv[:5], "1", *argv[5:], *_finetune_flags(clip, images)])
+    assert sorted(row_key(r) for r in read_rows(out)) == [
+        "WiSE-FT|0.5|2 steps|0", "WiSE-FT|1|2 steps|0", "vanilla FT|0|2 steps|0",
+    ]  # fmt: skip
