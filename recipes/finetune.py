@@ -25,6 +25,7 @@ from hf_cfft import (
     load_classifier,
     load_templates,
 )
+from hf_cfft.baselines.flyp import FlypTrainer, load_contrastive_model
 from hf_cfft.callbacks import CounterfactualImagesCallback
 from hf_cfft.cli.script_args import (
     DataArguments,
@@ -92,21 +93,33 @@ def main(argv: list[str] | None = None) -> dict:
     train, splits = load_train_and_eval_splits(data_args, seed=args.seed)
     class_names = class_names_for(model_args.class_names, train, data_args.label_column)
 
-    model = load_classifier(
-        model_args.model_name_or_path,
-        class_names=class_names,
-        templates=load_templates(model_args.templates),
-        show_progress=args.process_index == 0,
-    )
-    vanilla_start = copy.deepcopy(model) if run_args.compare_with_vanilla else None
     image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
     columns = {"image_column": data_args.image_column, "label_column": data_args.label_column}
-    teacher = None
-    if model_args.teacher_name_or_path:
-        teacher = load_classifier(model_args.teacher_name_or_path, class_names=class_names)
-    trainer = CfftTrainer(
-        model=model, args=args, teacher=teacher, train_dataset=train, processing_class=image_processor, **columns
-    )
+    flyp = args.method == "flyp"
+    vanilla_start = None
+    if flyp:  # both towers are trained; the classifier (head from the text tower) is built for evaluation and saving
+        if model_args.teacher_name_or_path:
+            raise ValueError("--teacher_name_or_path has no use with --method flyp, which distils nothing")
+        contrastive, tokenizer = load_contrastive_model(model_args.model_name_or_path)
+        trainer = FlypTrainer(
+            model=contrastive, args=args, tokenizer=tokenizer, class_names=class_names,
+            templates=load_templates(model_args.templates), train_dataset=train, processing_class=image_processor,
+            **columns,
+        )  # fmt: skip
+    else:
+        model = load_classifier(
+            model_args.model_name_or_path,
+            class_names=class_names,
+            templates=load_templates(model_args.templates),
+            show_progress=args.process_index == 0,
+        )
+        vanilla_start = copy.deepcopy(model) if run_args.compare_with_vanilla else None
+        teacher = None
+        if model_args.teacher_name_or_path:
+            teacher = load_classifier(model_args.teacher_name_or_path, class_names=class_names)
+        trainer = CfftTrainer(
+            model=model, args=args, teacher=teacher, train_dataset=train, processing_class=image_processor, **columns
+        )
     if trainer.skipped_images:
         print(f"Skipped {trainer.skipped_images} unreadable train image(s); training on {len(trainer.train_dataset)}.")
     if args.process_index == 0:
@@ -115,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.ood_splits = data_args.ood_splits
     if is_cfft_checkpoint(model_args.model_name_or_path):  # e.g. LP-FT's second stage: the card says so
         trainer.card_origin = {"kind": "trained", "from_classifier": True}
-    if "tensorboard" in args.report_to:  # pictures of the counterfactuals the student's CAM picks
+    if "tensorboard" in args.report_to and not flyp:  # pictures of the counterfactuals the student's CAM picks
         CounterfactualImagesCallback.from_dataset(
             train, image_processor, every_n_steps=max(1, int(args.logging_steps) * 10), **columns
         ).attach(trainer)
@@ -126,13 +139,15 @@ def main(argv: list[str] | None = None) -> dict:
         # The starting point: CLIP's zero-shot classifier, or the saved classifier fine-tuning resumes from (LP-FT);
         # with --teacher_name_or_path the teacher is reported too.
         start = "before fine-tuning" if is_cfft_checkpoint(model_args.model_name_or_path) else "zero-shot"
-        results[start] = evaluate_splits(trainer.model, splits, image_processor, **evaluate_kwargs)
+        start_model = trainer.classifier() if flyp else trainer.model
+        results[start] = evaluate_splits(start_model, splits, image_processor, **evaluate_kwargs)
         if model_args.teacher_name_or_path:
             results["teacher"] = evaluate_splits(trainer.teacher, splits, image_processor, **evaluate_kwargs)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
     if splits and trainer.is_world_process_zero():
-        results["fine-tuned"] = evaluate_splits(trainer.model, splits, image_processor, **evaluate_kwargs)
+        tuned = trainer.classifier() if flyp else trainer.model
+        results["fine-tuned"] = evaluate_splits(tuned, splits, image_processor, **evaluate_kwargs)
         write_results(results, args.output_dir, data_args, stem="eval_results")
         trainer.eval_results = results
     # After evaluation, so the model card (and a --push_to_hub upload) carries the results table.

@@ -1,24 +1,31 @@
-"""Uniform model soup: average the weights of several fine-tuned classifiers; save and/or evaluate the soup.
+"""Model soups: average the weights of several fine-tuned classifiers (uniform, or greedy); save and/or evaluate.
 
     python recipes/soup.py --models outputs/world_vanilla_ft_seed0 outputs/world_vanilla_ft_seed1 \
         outputs/world_vanilla_ft_seed2 --output_dir outputs/world_soup --save_model \
         --config recipes/configs/world.yaml                       # its dataset, eval and OOD splits
+    # greedy soup (Wortsman et al., 2022): ingredients by held-out accuracy, each kept only if the soup improves
+    python recipes/soup.py --models ft1 ft2 ft3 --greedy --held_out_split validation --dataset_name DIR \
+        --eval_splits test sketch --ood_splits sketch --output_dir soup --save_model
 
 The ingredients must be fine-tunings of the same CLIP with the same classes (e.g. different seeds or learning
 rates). The soup (safetensors, the first model's image processor, a card naming the members) goes to --output_dir
 (--save_model false: evaluate only); with
---eval_splits every ingredient and the soup are evaluated into <output_dir>/results.json and results.md.
+--eval_splits every ingredient and the soup are evaluated into <output_dir>/results.json and results.md. With
+--greedy, --held_out_split (an ID validation split, neither evaluated nor OOD) picks the ingredients; the choice is
+written to <output_dir>/greedy_soup.json.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from transformers import AutoImageProcessor
 
 from hf_cfft import load_classifier
+from hf_cfft.baselines.greedy_soup import check_held_out_split, greedy_soup
 from hf_cfft.baselines.weight_averaging import class_names, uniform_soup
 from hf_cfft.cli.script_args import (
     SHARED_CONFIG_KEYS,
@@ -35,6 +42,7 @@ from hf_cfft.evaluation import evaluate_splits
 from hf_cfft.release.model_card import write_origin_card
 
 SOUP_ROW = "uniform soup"
+GREEDY_ROW = "greedy soup"
 
 
 @dataclass
@@ -43,6 +51,12 @@ class SoupArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Where results (and the soup) are written."})
     save_model: bool = field(
         default=True, metadata={"help": "Save the soup (weights, image processor, card) to --output_dir."}
+    )
+    greedy: bool = field(
+        default=False, metadata={"help": "Greedy soup: keep an ingredient only if held-out accuracy does not drop."}
+    )
+    held_out_split: str | None = field(
+        default=None, metadata={"help": "--greedy: the ID validation split that picks the ingredients."}
     )
     evaluate_ingredients: bool = field(default=True, metadata={"help": "Also evaluate every ingredient."})
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
@@ -58,16 +72,37 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--models (one or more classifier folders) and --output_dir are required")
     if not args.save_model and not data_args.eval_splits:
         raise ValueError("nothing to do with --save_model false: pass --eval_splits, or leave --save_model on")
+    if args.greedy:
+        check_held_out_split(args.held_out_split, data_args.ood_splits, data_args.eval_splits)
     device = resolve_device(args.device)
     # Ingredients stay on the CPU: N models on the accelerator at once is what a soup of large models cannot afford.
     ingredients = [load_classifier(path).eval() for path in args.models]
-    soup = uniform_soup(ingredients, names=args.models)
     image_processor = AutoImageProcessor.from_pretrained(args.models[0])
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.greedy:
+        held_out = load_eval_splits(replace(data_args, eval_splits=[args.held_out_split]), args.seed)
+        check_dataset_classes(held_out, class_names(ingredients[0]), data_args.label_column, args.models[0])
+        kwargs = evaluate_kwargs(data_args, args.per_device_eval_batch_size, device) | {"ood_splits": ()}
+
+        def held_out_accuracy(model) -> float:
+            accuracy = evaluate_splits(model.to(device), held_out, image_processor, **kwargs)[args.held_out_split]
+            model.cpu()
+            return accuracy
+
+        chosen = greedy_soup(ingredients, held_out_accuracy, names=args.models)
+        soup = chosen.model
+        record = {"held_out_split": args.held_out_split, "chosen": chosen.chosen, "soup_held_out": chosen.soup_score}
+        record |= {"ingredients_held_out": chosen.ingredient_scores, "tried": chosen.tried}
+        with open(os.path.join(args.output_dir, "greedy_soup.json"), "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"Greedy soup of {len(chosen.chosen)} / {len(ingredients)}: {', '.join(chosen.chosen)}")
+    else:
+        soup = uniform_soup(ingredients, names=args.models)
+    members = chosen.chosen if args.greedy else list(args.models)
     if args.save_model:
         soup.save_pretrained(args.output_dir)
         image_processor.save_pretrained(args.output_dir)
-        write_origin_card(args.output_dir, {"kind": "soup", "members": list(args.models)})
+        write_origin_card(args.output_dir, {"kind": "soup", "members": members})
 
     splits = load_eval_splits(data_args, args.seed)
     results: dict[str, dict[str, float]] = {}
@@ -78,14 +113,13 @@ def main(argv: list[str] | None = None) -> dict:
             for path, model in zip(args.models, ingredients):
                 results[path] = evaluate_splits(model.to(device), splits, image_processor, **kwargs)
                 model.cpu()
-        results[SOUP_ROW] = evaluate_splits(soup.to(device), splits, image_processor, **kwargs)
-        print("\nUniform soup, top-1 accuracy (%)\n" + write_results(results, args.output_dir, data_args))
+        row = GREEDY_ROW if args.greedy else SOUP_ROW
+        results[row] = evaluate_splits(soup.to(device), splits, image_processor, **kwargs)
+        print(f"\n{row.capitalize()}, top-1 accuracy (%)\n" + write_results(results, args.output_dir, data_args))
         print(f"Wrote {os.path.join(args.output_dir, 'results.json')} and results.md")
     if args.save_model:
-        print(
-            f"Saved the uniform soup of {len(args.models)} models (weights, image processor, card) to "
-            f"{args.output_dir}"
-        )
+        kind = "greedy" if args.greedy else "uniform"
+        print(f"Saved the {kind} soup of {len(members)} models (weights, image processor, card) to {args.output_dir}")
     return results
 
 

@@ -229,7 +229,7 @@ def test_every_baseline_config_parses_on_the_world(finetune):
     names = sorted(p.name for p in BASELINES.glob("*.yaml"))
     assert names == sorted([
         "vanilla_ft.yaml", "linear_probe.yaml", "ft_fd.yaml", "ft_kd.yaml", "lp_ft_stage1.yaml", "lp_ft_stage2.yaml",
-        "cfft_wise_teacher.yaml",
+        "cfft_wise_teacher.yaml", "flyp.yaml",
     ])  # fmt: skip
     outputs = set()
     for name in names:

@@ -76,7 +76,7 @@ def test_recipe_fine_tunes_each_family_and_the_result_reloads_identically(images
 def test_siglip_config_holds_the_papers_method_settings_and_siglips_prompt():
     path = str(ROOT / "recipes" / "configs" / "imagenet_siglip_b16.yaml")
     recipe = _recipe()
-    model_args, data_args, args = recipe.parse_args(["--config", path, "--bf16", "false"])
+    model_args, data_args, args, _ = recipe.parse_args(["--config", path, "--bf16", "false"])
     assert model_args.model_name_or_path == "google/siglip-base-patch16-224" and model_args.templates == "siglip"
     method = (args.mask_kind, args.fill_kind, args.mask_threshold, args.distill_weight, args.cam_source)
     assert method == ("object", "single", 0.3, 30.0, "student")

@@ -3,7 +3,7 @@
 Supported towers: CLIP, MetaCLIP 2, SigLIP and the fixed-resolution SigLIP 2 (`hf_cfft.families`).
 """
 
-from .baselines import uniform_soup, wise_ft
+from .baselines import FlypTrainer, greedy_soup, uniform_soup, wise_ft
 from .build import classifier_from_clip, classifier_from_pretrained, is_cfft_checkpoint, load_classifier
 from .callbacks import CounterfactualImagesCallback
 from .cam import CAM_METHODS, attention_rollout, compute_cam, grad_cam, normalize_cam
@@ -56,6 +56,7 @@ __all__ = [
     "CounterfactualCollator",
     "CounterfactualImagesCallback",
     "CounterfactualTransform",
+    "FlypTrainer",
     "attention_rollout",
     "build_zeroshot_head",
     "build_zeroshot_weights",
@@ -68,6 +69,7 @@ __all__ = [
     "evaluate_splits",
     "feature_distillation_loss",
     "grad_cam",
+    "greedy_soup",
     "is_cfft_checkpoint",
     "latest_complete_checkpoint",
     "load_class_names",

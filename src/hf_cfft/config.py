@@ -22,6 +22,7 @@ from .losses import DISTILL_TARGETS
 from .masking import FILL_KINDS, MASK_KINDS
 
 CAM_SOURCES = ("teacher", "student")
+TRAINING_METHODS = ("cfft", "flyp")
 AUGMENTATIONS = ("none", "flip", "crop_flip")
 
 
@@ -39,6 +40,14 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 class CfftConfig(TrainingArguments):
     """Training arguments for `CfftTrainer`: the method's knobs, validated when the config is built."""
 
+    method: str = field(
+        default="cfft",
+        metadata={
+            "help": "'cfft': CfftTrainer (vanilla FT, LP, FT+FD, FT+KD and CFFT, by the knobs below); 'flyp': "
+            "hf_cfft.baselines.flyp.FlypTrainer (FLYP: both towers fine-tuned with the contrastive pre-training "
+            "loss on class prompts; needs distill_weight 0)."
+        },
+    )
     distill_weight: float = field(
         default=30.0,
         metadata={"help": "beta: weight of the distillation term on counterfactual images. 0 = vanilla fine-tuning."},
@@ -160,6 +169,13 @@ class CfftConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        _choice("method", self.method, TRAINING_METHODS)
+        if self.method == "flyp" and (self.distill_weight != 0 or self.linear_probe):
+            raise ValueError(
+                f"method='flyp' trains both towers with the contrastive loss alone, but distill_weight="
+                f"{self.distill_weight} and linear_probe={self.linear_probe}; set distill_weight 0 and linear_probe "
+                "false (recipes/configs/baselines/flyp.yaml does)"
+            )
         _choice("mask_kind", self.mask_kind, MASK_KINDS)
         _choice("fill_kind", self.fill_kind, FILL_KINDS)
         _choice("cam_method", self.cam_method, CAM_METHODS)

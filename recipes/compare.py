@@ -1,0 +1,48 @@
+"""Which robust fine-tuning method for your data? Run several at a few strengths and seeds, draw the ID/OOD trade-off.
+
+    # an ImageFolder <dir>/<split>/<class>/<image> with train, an ID test split and OOD splits
+    accelerate launch recipes/compare.py --model_name_or_path openai/clip-vit-base-patch32 \
+        --dataset_name /data/my_images --eval_splits test shift_a shift_b --ood_splits shift_a shift_b \
+        --methods zero_shot ft wise_ft ft_fd cfft flyp --betas 1 3 10 --seeds 0 1 2 --output_dir outputs/cmp \
+        --learning_rate 1e-5 --num_train_epochs 10 --templates simple
+    # the embedded world's frontier study (benchmarks/world_frontier.py's grid)
+    python recipes/compare.py --config recipes/configs/compare/world_frontier.yaml
+
+Every run is recipes/finetune.py with the method's flags; any flag this script does not know goes to every run
+(--finetune_config names a finetune YAML). Rows are appended to <output_dir>/rows.jsonl as runs finish, and a run
+whose row is there is not run again. At the end: compare.md (summary, tables), summary.md, compare.json and
+frontier.png. `--summarize_only` rewrites them from the rows so far. See docs/choosing_a_method.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from hf_cfft.cli.compare import parse_compare_args, run_compare
+
+
+def _finetune_recipe():
+    # The training runs are recipes/finetune.py's main, in this process (one launch for the whole grid).
+    spec = importlib.util.spec_from_file_location("finetune_recipe", Path(__file__).parent / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve field types through the module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> dict[str, str]:
+    args, registry, finetune_argv = parse_compare_args(sys.argv[1:] if argv is None else argv)
+    finetune = _finetune_recipe()
+    paths = run_compare(args, registry, finetune_argv, train=finetune.main, parse=finetune.parse_args)
+    if paths:
+        print("\n" + Path(paths["report"]).read_text())
+    return paths
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    main()

@@ -1,0 +1,213 @@
+"""FLYP, "Finetune like you pretrain" (Goyal et al., CVPR 2023): fine-tune both towers with the pre-training loss.
+
+Each training image is paired with a prompt of its class name (one template drawn per image and step), and the
+image and text towers are trained with the contrastive loss the model was pre-trained with: CLIP's symmetric
+InfoNCE (CLIP, MetaCLIP 2), or SigLIP's pairwise sigmoid loss. The classifier saved at the end is the usual
+`CfftImageClassifier`: the fine-tuned image tower with a head rebuilt from the fine-tuned text tower (the zero-shot
+head of the fine-tuned model), so evaluation, WiSE-FT, soups and release treat it like any other run.
+
+Negatives are the other images and prompts of each process's own batch; features are not gathered across
+processes, so under DDP the contrastive batch is ``per_device_train_batch_size``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+from ..build import classifier_from_pretrained, is_cfft_checkpoint
+from ..config import CfftConfig
+from ..data import CounterfactualCollator, CounterfactualTransform
+from ..families import family_for_model_type, family_of, tokenizer_kwargs
+from ..image_checks import drop_unreadable_images, undecoded
+from ..modeling import CfftImageClassifier
+from ..release.model_card import TRAINING_ARGS_JSON, write_model_card
+from ..zeroshot import build_zeroshot_head
+
+
+def contrastive_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The pre-training loss of a batch of matched (image, text) pairs: [B, D], [B, D] -> [].
+
+    Embeddings are L2-normalised here; ``logit_scale`` is the multiplier (``model.logit_scale.exp()``). Without
+    ``logit_bias``: CLIP's loss, the mean of the image->text and text->image cross-entropies of the scaled cosine
+    logits, pair i being the positive of row i. With ``logit_bias`` (SigLIP): the sigmoid loss,
+    ``-sum log sigmoid(z_ij * (scale * cos_ij + bias)) / B`` with z = +1 on the diagonal and -1 elsewhere.
+    """
+    image = F.normalize(image_embeds.float(), dim=-1)
+    text = F.normalize(text_embeds.float(), dim=-1)
+    logits = logit_scale.float() * image @ text.T
+    if logit_bias is None:
+        targets = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    signs = 2 * torch.eye(logits.shape[0], device=logits.device) - 1
+    return -F.logsigmoid(signs * (logits + logit_bias.float())).sum() / logits.shape[0]
+
+
+def load_contrastive_model(model_name_or_path: str, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(the CLIP / MetaCLIP 2 / SigLIP model with both towers, its tokenizer): what FLYP fine-tunes."""
+    if is_cfft_checkpoint(model_name_or_path):
+        raise ValueError(
+            f"{model_name_or_path} is a saved hf_cfft classifier: it holds no text tower, which FLYP trains; start "
+            "FLYP from the pre-trained checkpoint (e.g. openai/clip-vit-base-patch32)"
+        )
+    family = family_for_model_type(AutoConfig.from_pretrained(model_name_or_path).model_type, model_name_or_path)
+    model = family.model_class.from_pretrained(model_name_or_path, **kwargs)
+    return model, AutoTokenizer.from_pretrained(model_name_or_path)
+
+
+class FlypTrainer(Trainer):
+    """FLYP on top of `transformers.Trainer`; ``self.model`` is the contrastive model with both towers.
+
+    Args:
+        model: a ``CLIPModel``, ``MetaClip2Model`` or ``SiglipModel`` (`load_contrastive_model`).
+        args: a `CfftConfig` with ``method='flyp'`` (its distillation knobs unused: ``distill_weight`` must be 0).
+        tokenizer: the model's tokenizer; prompts are tokenised once, as the family was trained.
+        class_names / templates: the prompts; class ``labels[i]`` is paired with ``template.format(name)``.
+        train_dataset: a raw image dataset (prepared here: image checks, the transform), or one yielding
+            ``pixel_values`` and ``labels``.
+        processing_class: the checkpoint's image processor.
+    Checkpoints (``checkpoint-N``) hold the whole contrastive model, so a run resumes; `save_model` called by the
+    user writes the classifier (`classifier`), with the image processor and a model card.
+    """
+
+    _tag_names = ["hf_cfft", "clip", "robust-fine-tuning", "flyp"]
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        args: CfftConfig,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        class_names: Sequence[str],
+        templates: Sequence[str],
+        data_collator=None,
+        train_dataset=None,
+        processing_class=None,
+        image_column: str = "image",
+        label_column: str = "label",
+        **kwargs,
+    ):
+        if not isinstance(args, CfftConfig) or args.method != "flyp":
+            raise ValueError("FlypTrainer needs a CfftConfig with method='flyp'")
+        self.family = family_of(model)
+        self.class_names, self.templates = list(class_names), list(templates)
+        self.text_tokenizer = tokenizer
+        # Class-major [C, T, L]: the prompt of class c with template t is [c, t].
+        prompts = [t.replace("{}", name) for name in self.class_names for t in self.templates]
+        encoded = tokenizer(prompts, **tokenizer_kwargs(model), return_tensors="pt")
+        shape = (len(self.class_names), len(self.templates), -1)
+        self.prompt_ids = encoded["input_ids"].view(shape)
+        mask = encoded.get("attention_mask")
+        self.prompt_mask = mask.view(shape) if mask is not None else None
+        patch_size = model.config.vision_config.patch_size
+        if data_collator is None:  # stacks pixel_values and labels (no masks, no refills)
+            data_collator = CounterfactualCollator(
+                mask_kind="none", fill_kind="none", mask_ratio=0.5, patch_size=patch_size, seed=args.seed
+            )
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self.image_column, self.label_column = image_column, label_column
+        self.skipped_images = 0
+        if train_dataset is not None:
+            self.train_dataset = self._prepare_dataset(train_dataset)
+        # What the model card reports beyond the args; recipes set them (as on CfftTrainer).
+        self.base_model: str | None = None
+        self.dataset_name: str | None = None
+        self.eval_results: dict[str, dict[str, float]] | None = None
+        self.ood_splits: list[str] | None = None
+        self._micro_step, self._micro_step_of = 0, -1
+
+    def _prepare_dataset(self, dataset):
+        """Raw images -> checked, undecoded, with the image transform (`CounterfactualTransform`, no masks)."""
+        if not isinstance(dataset, datasets.Dataset):
+            return dataset
+        if dataset.format["type"] is not None or "pixel_values" in dataset.column_names:
+            return dataset
+        if self.processing_class is None:
+            raise ValueError("FlypTrainer needs processing_class=<the checkpoint's image processor> for raw images")
+        args = self.args
+        dataset, self.skipped_images = drop_unreadable_images(
+            dataset, self.image_column, skip=args.skip_corrupt_images, check=args.image_check
+        )
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        transform = CounterfactualTransform(
+            self.processing_class, grid=(side, side), augment=args.augment, num_labels=len(self.class_names),
+            image_column=self.image_column, label_column=self.label_column,
+        )  # fmt: skip
+        return undecoded(dataset, self.image_column).with_transform(transform)
+
+    def draw_templates(self, batch_size: int) -> torch.Tensor:
+        """One template index per image [B], seeded by (seed, step, process, micro-step): a resume redraws them."""
+        if self._micro_step_of != self.state.global_step:
+            self._micro_step_of, self._micro_step = self.state.global_step, 0
+        self._micro_step += 1
+        key = f"{self.args.seed}/{self.state.global_step}/{self.args.process_index}/{self._micro_step}"
+        seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+        return torch.randint(len(self.templates), (batch_size,), generator=torch.Generator().manual_seed(seed))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The contrastive loss of the batch's images and their class prompts; one forward of the wrapped model."""
+        labels = inputs["labels"].cpu()
+        chosen = self.draw_templates(labels.shape[0])
+        device = inputs["pixel_values"].device
+        text = {"input_ids": self.prompt_ids[labels, chosen].to(device)}
+        if self.prompt_mask is not None:
+            text["attention_mask"] = self.prompt_mask[labels, chosen].to(device)
+        outputs = model(pixel_values=inputs["pixel_values"], **text)
+        unwrapped = self.accelerator.unwrap_model(model)
+        bias = unwrapped.logit_bias if self.family.sigmoid else None
+        loss = contrastive_loss(outputs.image_embeds, outputs.text_embeds, unwrapped.logit_scale.exp(), bias)
+        if model.training and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite FLYP loss at step {self.state.global_step + 1}; lower --learning_rate or use bf16"
+            )
+        return (loss, outputs) if return_outputs else loss
+
+    def classifier(self) -> CfftImageClassifier:
+        """The fine-tuned image tower with the head rebuilt from the fine-tuned text tower, on the run's device."""
+        model = self.accelerator.unwrap_model(self.model)
+        weights, bias = build_zeroshot_head(
+            model, self.text_tokenizer, self.class_names, self.templates, show_progress=False
+        )
+        return classifier_from_pretrained(model, weights, self.class_names, head_bias=bias).to(self.args.device).eval()
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """No-op: `save_model` writes hf_cfft's card next to the classifier (push_to_hub calls this after it)."""
+        return None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """A ``checkpoint-N`` gets the whole contrastive model (to resume); anything else, the classifier + card."""
+        if _internal_call and output_dir is not None:
+            return super().save_model(output_dir, _internal_call=True)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        classifier = self.classifier()
+        classifier.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        write_model_card(
+            output_dir, model_config=classifier.config, training_args=self.args, base_model=self.base_model,
+            dataset_name=self.dataset_name, results=self.eval_results, ood_splits=self.ood_splits,
+            model_name=Path(output_dir).resolve().name, tags=self._tag_names, global_step=self.state.global_step,
+        )  # fmt: skip
+        (Path(output_dir) / TRAINING_ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")
+        return None

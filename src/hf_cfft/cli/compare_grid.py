@@ -1,0 +1,255 @@
+"""What `recipes/compare.py` compares: the methods it knows, its own flags, and the grid of cells they make.
+
+A *cell* is one model to score: a training run of `recipes/finetune.py` (one method, strength and seed), or a
+post-hoc model built from trained ones (zero-shot, WiSE-FT at one alpha, a soup). `hf_cfft.cli.compare` runs them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from ..evaluation.frontier import row_key
+
+NO_MASK = ("--mask_kind", "none", "--fill_kind", "none")
+KINDS = ("train", "zero_shot", "wise_ft", "uniform_soup", "greedy_soup")
+STRENGTHS = ("beta", "alpha", None)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of the comparison: a row name, how its models are made, and what its strength is.
+
+    kind: 'train' (a run of recipes/finetune.py with ``flags``), 'zero_shot', 'wise_ft' (of ``source``'s run per
+    seed, one model per alpha), 'uniform_soup' / 'greedy_soup' (of every run of ``source``). strength: 'beta' (one
+    run per --betas value, passed as --distill_weight), 'alpha' (WiSE-FT's --alphas) or None (one model).
+    init_from: a train method whose model of the same seed this one starts from (LP-FT from the probe).
+    """
+
+    name: str
+    kind: str = "train"
+    flags: tuple[str, ...] = ()
+    strength: str | None = None
+    strengths: tuple[float, ...] | None = None
+    source: str | None = None
+    init_from: str | None = None
+    epochs: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name!r}: kind={self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.strength not in STRENGTHS:
+            raise ValueError(f"method {self.name!r}: strength={self.strength!r} is not 'beta', 'alpha' or empty")
+        if self.kind in ("wise_ft", "uniform_soup", "greedy_soup") and not self.source:
+            raise ValueError(f"method {self.name!r} ({self.kind}) needs a source: the trained method it averages")
+
+
+_CFFT = ("--mask_kind", "object", "--fill_kind")
+METHODS: dict[str, MethodSpec] = {
+    "zero_shot": MethodSpec("zero-shot", kind="zero_shot"),
+    "ft": MethodSpec("vanilla FT", flags=("--distill_weight", "0", *NO_MASK)),
+    "lp": MethodSpec(
+        "linear probe", flags=("--linear_probe", "true", "--cam_source", "teacher", "--distill_weight", "0", *NO_MASK)
+    ),
+    "lp_ft": MethodSpec("LP-FT", flags=("--distill_weight", "0", *NO_MASK), init_from="lp"),
+    "ft_fd": MethodSpec("FT+FD", flags=NO_MASK, strength="beta"),
+    "ft_kd": MethodSpec("FT+KD", flags=(*NO_MASK, "--distill_target", "logits"), strength="beta"),
+    "cfft": MethodSpec("CFFT object/single", flags=(*_CFFT, "single"), strength="beta"),
+    "cfft_multi": MethodSpec("CFFT object/multi", flags=(*_CFFT, "multi"), strength="beta"),
+    "cfft_nofill": MethodSpec("CFFT object/none", flags=(*_CFFT, "none"), strength="beta"),
+    "cfft_random": MethodSpec(
+        "CFFT random/single", flags=("--mask_kind", "random", "--fill_kind", "single"), strength="beta"
+    ),
+    "cfft_context": MethodSpec(
+        "CFFT context/single", flags=("--mask_kind", "context", "--fill_kind", "single"), strength="beta"
+    ),
+    "flyp": MethodSpec("FLYP", flags=("--method", "flyp", "--distill_weight", "0", *NO_MASK)),
+    "wise_ft": MethodSpec("WiSE-FT", kind="wise_ft", strength="alpha", source="ft"),
+    "uniform_soup": MethodSpec("uniform soup", kind="uniform_soup", source="ft"),
+    "greedy_soup": MethodSpec("greedy soup", kind="greedy_soup", source="ft"),
+}
+
+
+@dataclass
+class CompareArguments:
+    """recipes/compare.py's own flags; every other flag goes to recipes/finetune.py (each training run)."""
+
+    output_dir: str = field(default="outputs/compare", metadata={"help": "Rows, runs, tables and the plot go here."})
+    methods: list[str] = field(
+        default_factory=lambda: ["zero_shot", "ft", "wise_ft", "ft_fd", "cfft"],
+        metadata={"help": f"Methods to compare, in order: {', '.join(METHODS)} (or keys defined in --config)."},
+    )
+    betas: list[float] = field(
+        default_factory=lambda: [1.0, 3.0, 10.0],
+        metadata={"help": "Strengths of the beta methods (FT+FD, FT+KD, CFFT): the distillation weight."},
+    )
+    alphas: list[float] = field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+        metadata={"help": "WiSE-FT's weights of the fine-tuned model (0 = zero-shot, 1 = fine-tuned)."},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Every run is repeated per seed."})
+    held_out_split: str | None = field(
+        default=None,
+        metadata={"help": "ID validation split that picks the greedy soup's ingredients (not an OOD or test split)."},
+    )
+    finetune_config: str | None = field(
+        default=None, metadata={"help": "recipes/finetune.py YAML every run starts from (data, model, optimisation)."}
+    )
+    keep_models: bool = field(
+        default=True, metadata={"help": "Keep every trained model; false deletes each once nothing still needs it."}
+    )
+    summarize_only: bool = field(default=False, metadata={"help": "Only write the report from the rows so far."})
+    device: str | None = field(default=None, metadata={"help": "Device of the post-hoc evaluations (default: cuda)."})
+
+
+def _method_from_yaml(entry: Mapping) -> tuple[str, MethodSpec]:
+    known = {f.name for f in fields(MethodSpec)}
+    unknown = sorted(set(entry) - known - {"key"})
+    if unknown or "key" not in entry or "name" not in entry:
+        raise ValueError(
+            f"method entry {dict(entry)} needs 'key' and 'name' and takes only {sorted(known)}; unknown: {unknown}"
+        )
+    values = {k: v for k, v in entry.items() if k in known}
+    values["flags"] = tuple(str(v).lower() if isinstance(v, bool) else str(v) for v in values.get("flags", ()))
+    if values.get("strengths") is not None:
+        values["strengths"] = tuple(float(v) for v in values["strengths"])
+    return str(entry["key"]), MethodSpec(**values)
+
+
+def _flags(mapping: Mapping) -> list[str]:
+    out = []
+    for key, value in mapping.items():
+        values = value if isinstance(value, list) else [value]
+        out += [f"--{key}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return out
+
+
+def parse_compare_args(argv: Sequence[str]) -> tuple[CompareArguments, dict[str, MethodSpec], list[str]]:
+    """(compare's flags, the method registry with --config's own methods, the flags for every fine-tuning run).
+
+    ``--config FILE``: a YAML of compare's keys, ``methods`` (registry keys or full entries with a ``key``), and
+    ``finetune_args`` (a mapping of recipes/finetune.py flags); CLI flags override it.
+    """
+    argv, registry, finetune_args = list(argv), dict(METHODS), []
+    parser = HfArgumentParser((CompareArguments,), allow_abbrev=False)  # "--seed" is finetune's, not "--seeds"
+    if "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file path")
+        path, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path!r} does not exist")
+        config = yaml.safe_load(Path(path).read_text()) or {}
+        names = []
+        for entry in config.pop("methods", []) or []:
+            if isinstance(entry, Mapping):
+                key, spec = _method_from_yaml(entry)
+                registry[key] = spec
+                names.append(key)
+            else:
+                names.append(str(entry))
+        if names:
+            config["methods"] = names
+        finetune_args = _flags(config.pop("finetune_args", {}) or {})
+        own = sorted(f.name for f in fields(CompareArguments))
+        unknown = sorted(set(config) - set(own))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in {path}; it takes {own}, methods and finetune_args")
+        parser.set_defaults(**config)
+    args, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    unknown = [m for m in args.methods if m not in registry]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(registry)}")
+    head = ["--config", args.finetune_config] if args.finetune_config else []
+    return args, registry, [*head, *finetune_args, *remaining]
+
+
+# ---- the grid ----
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One model to score: a method (registry key + spec) at one strength and seed ('all' for a soup)."""
+
+    key: str
+    spec: MethodSpec
+    strength: float
+    seed: int | str
+    epochs: float
+
+    def row(self, **extra) -> dict:
+        name = self.spec.strength or ""
+        row = {"method": self.spec.name, "beta": self.strength, "epochs": self.epochs, "seed": self.seed}
+        row |= {"strength_name": name} | ({"alpha": self.strength} if name == "alpha" else {})
+        return row | extra
+
+    @property
+    def id(self) -> str:
+        return row_key(self.row())
+
+
+def with_dependencies(methods: Sequence[str], registry: Mapping[str, MethodSpec]) -> list[str]:
+    """``methods`` with the trained methods they build on (WiSE-FT's and soups' source, LP-FT's probe) put first."""
+    out: list[str] = []
+
+    def add(name: str, chain: tuple[str, ...] = ()) -> None:
+        if name in out:
+            return
+        if name in chain:
+            raise ValueError(f"methods depend on each other in a cycle: {' -> '.join((*chain, name))}")
+        if name not in registry:
+            raise ValueError(f"unknown method {name!r}; choose from {', '.join(registry)}")
+        spec = registry[name]
+        for dep in (spec.source, spec.init_from):
+            if dep:
+                add(dep, (*chain, name))
+        out.append(name)
+
+    for name in methods:
+        add(name)
+    return out
+
+
+def _epochs(value: float | str) -> float | int | str:
+    if isinstance(value, str):
+        return value
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def run_length(args) -> float | int | str:
+    """The rows' ``epochs``: ``num_train_epochs``, or "<n> steps" when ``max_steps`` decides the length."""
+    return f"{args.max_steps} steps" if args.max_steps > 0 else _epochs(args.num_train_epochs)
+
+
+def plan_cells(
+    methods: Sequence[str],
+    registry: Mapping[str, MethodSpec],
+    *,
+    betas: Sequence[float],
+    alphas: Sequence[float],
+    seeds: Sequence[int],
+    epochs: float,
+) -> list[Cell]:
+    """Every cell, in run order: method by method (dependencies first), strength by strength, seed by seed."""
+    cells = []
+    for key in with_dependencies(methods, registry):
+        spec = registry[key]
+        grid = {"beta": betas, "alpha": alphas, None: (0.0,)}[spec.strength]
+        grid = spec.strengths if spec.strengths is not None else grid
+        source = registry[spec.source] if spec.source else None
+        own_epochs = _epochs(spec.epochs or (source.epochs if source and source.epochs else None) or epochs)
+        run_seeds = ["all"] if spec.kind in ("uniform_soup", "greedy_soup") else list(seeds)
+        for strength in dict.fromkeys(float(s) for s in grid):
+            cells += [Cell(key, spec, strength, seed, own_epochs) for seed in run_seeds]
+    return cells
+
+
+def run_dirname(cell: Cell) -> str:
+    """The run's folder name under runs/ (the harness's: spaces, slashes and bars replaced)."""
+    name = cell.id.replace(" ", "_").replace("/", "-").replace("|", "_")
+    return name.replace("(", "").replace(")", "").replace(",", "")

@@ -1,0 +1,337 @@
+"""The ID/OOD trade-off of several methods: result rows -> mean curves -> tables, a plain-language summary, a plot.
+
+A *row* is one evaluated model, as ``benchmarks/world_frontier.py`` and ``recipes/compare.py`` append them to JSONL:
+
+    {"method": "FT+FD", "beta": 3.0, "epochs": 1, "seed": 0, "results": {"test_id": 81.2, ..., "ood_avg": 60.4}}
+
+``beta`` is the method's strength (the distillation weight; WiSE-FT's rows also carry ``alpha`` and store it in
+``beta``); ``strength_name`` ("beta", "alpha" or "") says how to label it, defaulting to "alpha" for rows with an
+``alpha`` and "beta" otherwise, as the harness wrote them. A *curve* is one (method, epochs): its points are the
+strengths, each the mean and standard deviation over the seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .prediction import OOD_AVG
+from .report import markdown_table
+
+Curve = tuple[str, float | str]  # (method, epochs): a number of epochs, or "<n> steps" for runs set by max_steps
+
+
+@dataclass(frozen=True)
+class Point:
+    """One strength of a curve: ID and OOD-average accuracy (%), mean and std over ``seeds`` rows."""
+
+    strength: float
+    id_mean: float
+    id_std: float
+    ood_mean: float
+    ood_std: float
+    seeds: int
+
+
+def row_key(row: Mapping) -> str:
+    """``method|strength|epochs|seed``: what makes a row unique (the harness's cell key)."""
+    return f"{row['method']}|{float(row['beta']):g}|{row['epochs']}|{row['seed']}"
+
+
+def read_rows(output_dir: str | Path) -> list[dict]:
+    """Every row of ``rows*.jsonl`` in ``output_dir`` (compare's rows.jsonl and the harness's rows-i of n.jsonl)."""
+    rows = []
+    for path in sorted(Path(output_dir).glob("rows*.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def append_row(path: str | Path, row: Mapping) -> None:
+    """Append one row to a JSONL file (one line, flushed on close: a crash loses at most the run in progress)."""
+    with Path(path).open("a") as f:
+        f.write(json.dumps(dict(row)) + "\n")
+
+
+def strength_label(row: Mapping) -> str:
+    name = row.get("strength_name", "alpha" if "alpha" in row else "beta")
+    return f"{name} {float(row['beta']):g}" if name else "-"
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _grouped(rows: Iterable[Mapping]) -> dict[Curve, dict[float, list[Mapping]]]:
+    out: dict[Curve, dict[float, list[Mapping]]] = {}
+    for row in rows:
+        out.setdefault((row["method"], row["epochs"]), {}).setdefault(float(row["beta"]), []).append(row)
+    return out
+
+
+def _length(value: float | str) -> tuple[int, float, str]:
+    return (0, float(value), "") if isinstance(value, (int, float)) else (1, 0.0, str(value))
+
+
+def _curve_order(curves: Iterable[Curve], first: Sequence[str] = ()) -> list[Curve]:
+    rank = {name: i for i, name in enumerate(first)}
+    return sorted(curves, key=lambda c: (rank.get(c[0], len(rank)), _length(c[1]), c[0]))
+
+
+def _labeller(curves: Iterable[Curve]):
+    """Curve -> legend label: the run length is named only when the curves differ in it."""
+    lengths = [c[1] for c in curves]
+    common = max(set(lengths), key=lengths.count) if lengths else None
+
+    def label(curve: Curve) -> str:
+        if len(set(lengths)) < 2 or curve[1] == common:
+            return curve[0]
+        length = f"{curve[1]:g} epochs" if isinstance(curve[1], (int, float)) else str(curve[1])
+        return f"{curve[0]} ({length})"
+
+    return label, common
+
+
+def curve_points(rows: Iterable[Mapping], id_split: str) -> dict[Curve, list[Point]]:
+    """{(method, epochs): [Point per strength, by strength]}; rows lacking ``id_split`` or an OOD average left out."""
+    curves = {}
+    for curve, per_strength in _grouped(rows).items():
+        points = []
+        for strength in sorted(per_strength):
+            scored = [r["results"] for r in per_strength[strength]]
+            scored = [r for r in scored if id_split in r and OOD_AVG in r]
+            if scored:
+                ids, oods = _mean_std([r[id_split] for r in scored]), _mean_std([r[OOD_AVG] for r in scored])
+                points.append(Point(strength, *ids, *oods, len(scored)))
+        if points:
+            curves[curve] = points
+    return curves
+
+
+def results_by_cell_table(
+    rows: Iterable[Mapping], columns: Sequence[str], *, headers: Sequence[str] | None = None, order: Sequence[str] = ()
+) -> str:
+    """One line per (method, epochs, strength): ``columns`` (split names, ``ood_avg``) as mean ± std over seeds."""
+    rows = list(rows)
+    grouped = _grouped(rows)
+    lines = []
+    for curve in _curve_order(grouped, order):
+        for strength in sorted(grouped[curve]):
+            cell_rows = grouped[curve][strength]
+            cells = []
+            for column in columns:
+                values = [r["results"][column] for r in cell_rows if column in r["results"]]
+                cells.append("{:.1f} ± {:.1f}".format(*_mean_std(values)) if values else "-")
+            epochs = f"{curve[1]:g}" if isinstance(curve[1], (int, float)) else str(curve[1])
+            label = strength_label(cell_rows[0])
+            lines.append([curve[0], epochs, label, str(len(cell_rows)), *cells])
+    return markdown_table(["method", "epochs", "strength", "seeds", *(headers or columns)], lines)
+
+
+def ood_at_id(points: Sequence[Point], target_id: float) -> float | None:
+    """The OOD average interpolated linearly at ``target_id`` along a curve's mean points (by ID); None outside."""
+    pairs = sorted((p.id_mean, p.ood_mean) for p in points)
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    if not xs or target_id < xs[0] - 1e-6 or target_id > xs[-1] + 1e-6:
+        return None
+    return float(np.interp(target_id, xs, ys))
+
+
+def best_at_id(curves: Mapping[Curve, Sequence[Point]], exclude: Sequence[str] = ()) -> list[tuple[float, list]]:
+    """At every mean ID accuracy that some curve reaches: the curves ranked by their OOD average there.
+
+    Returns [(target ID, [(OOD avg, curve), ...] best first)]; a curve counts at a target it spans (interpolated).
+    """
+    kept = {c: p for c, p in curves.items() if c[0] not in exclude}
+    targets = sorted({round(p.id_mean, 6) for points in kept.values() for p in points})
+    out = []
+    for target in targets:
+        ranked = [(ood, curve) for curve, points in kept.items() if (ood := ood_at_id(points, target)) is not None]
+        out.append((target, sorted(ranked, key=lambda item: -item[0])))
+    return out
+
+
+def matched_id_table(
+    curves: Mapping[Curve, Sequence[Point]], exclude: Sequence[str] = (), order: Sequence[str] = ()
+) -> str:
+    """OOD average of every curve at each target ID (interpolated on the mean curves); the best one in bold."""
+    ranking = best_at_id(curves, exclude)
+    names = _curve_order([c for c in curves if c[0] not in exclude], order)
+    _label, _ = _labeller(curves)
+    lines = []
+    for target, ranked in ranking:
+        at = {curve: ood for ood, curve in ranked}
+        best = ranked[0][1] if ranked else None
+        bold = "**{:.1f}**" if len(ranked) > 1 else "{:.1f}"
+        cells = [(bold if c == best else "{:.1f}").format(at[c]) if c in at else "-" for c in names]
+        lines.append([f"{target:.1f}", *cells])
+    return markdown_table(["ID accuracy", *(_label(c) for c in names)], lines)
+
+
+def plain_summary(
+    curves: Mapping[Curve, Sequence[Point]], *, id_split: str, num_ood: int, zero_shot: str = "zero-shot"
+) -> str:
+    """A few sentences: where each method is best along the ID axis, the extremes, and how large the seed noise is."""
+    if not curves:
+        return "No finished runs yet."
+    _label, _ = _labeller(curves)
+    lines = []
+    if (zs := next((p for c, p in curves.items() if c[0] == zero_shot), None)) is not None:
+        lines.append(f"The zero-shot model scores {zs[0].id_mean:.1f} % on {id_split} and {zs[0].ood_mean:.1f} % on "
+                     f"average over the {num_ood} OOD split(s).")  # fmt: skip
+    others = {c: p for c, p in curves.items() if c[0] != zero_shot}
+    all_points = [(p, c) for c, points in others.items() for p in points]
+    if all_points:
+        top_id = max(all_points, key=lambda pc: pc[0].id_mean)
+        top_ood = max(all_points, key=lambda pc: pc[0].ood_mean)
+        for what, (point, curve) in (("ID", top_id), ("OOD average", top_ood)):
+            strength = f" at strength {point.strength:g}" if len(others[curve]) > 1 else ""
+            lines.append(f"Highest {what}: {_label(curve)}{strength} ({point.id_mean:.1f} % ID, "
+                         f"{point.ood_mean:.1f} % OOD).")  # fmt: skip
+    # Contiguous ranges of ID accuracy where one method has the best OOD average.
+    ranges: list[list] = []
+    for target, ranked in best_at_id(others):
+        if not ranked:
+            continue
+        winner = ranked[0][1]
+        runner = ranked[1] if len(ranked) > 1 else None
+        if ranges and ranges[-1][0] == winner:
+            ranges[-1][2] = target
+            ranges[-1][3].append((target, ranked[0][0], runner))
+        else:
+            ranges.append([winner, target, target, [(target, ranked[0][0], runner)]])
+    for winner, low, high, points in ranges:
+        target, ood, runner = max(points, key=lambda t: (t[2] is not None, t[1]))
+        where = f"at {low:.1f} % ID" if low == high else f"from {low:.1f} to {high:.1f} % ID"
+        versus = ""
+        if runner is not None:
+            tie = " (a tie)" if abs(runner[0] - ood) < 0.05 else ""
+            versus = f"; next best {_label(runner[1])}, {runner[0]:.1f} %{tie}"
+        lines.append(f"Best OOD average {where}: {_label(winner)} ({ood:.1f} % at {target:.1f} % ID{versus}).")
+    stds = [p.ood_std for points in others.values() for p in points if p.seeds > 1]
+    if stds:
+        seeds = max(p.seeds for points in others.values() for p in points)
+        lines.append(f"Seed noise: the OOD average varies by {statistics.mean(stds):.1f} points (mean std over "
+                     f"{seeds} seeds); smaller gaps are not reliable.")  # fmt: skip
+    else:
+        lines.append("One seed per run: no error bars, so gaps of a point or two may be noise; run more --seeds.")
+    return "\n".join(f"- {line}" for line in lines)
+
+
+# Fixed styles for the names the harness used, so its plots and compare's agree; other names draw from _CYCLE.
+STYLES = {
+    "FT+FD": ("tab:blue", "o"),
+    "CFFT object/single": ("tab:red", "*"),
+    "CFFT random/single": ("tab:green", "^"),
+    "CFFT context/single": ("tab:purple", "v"),
+    "CFFT object/single, threshold 0.3": ("tab:orange", "P"),
+    "CFFT object/none": ("tab:pink", "p"),
+    "WiSE-FT": ("black", "."),
+    "vanilla FT": ("tab:gray", "s"),
+    "zero-shot": ("tab:brown", "D"),
+    "oracle FT (context independent of class)": ("tab:olive", "X"),
+}
+_CYCLE = [
+    (colour, marker)
+    for marker in ("h", "d", "<", ">", "8", "H", "x", "+")
+    for colour in ("tab:cyan", "darkgoldenrod", "navy", "crimson", "teal", "indigo", "olive", "salmon")
+]
+
+
+def curve_styles(curves: Iterable[Curve]) -> dict[Curve, tuple[str, str]]:
+    """A (colour, marker) per curve, no two alike: the harness's fixed ones first, then unused pairs in order."""
+    styles, used = {}, set()
+    ordered = _curve_order(curves)
+    for curve in ordered:
+        if curve[0] in STYLES and STYLES[curve[0]] not in used:
+            styles[curve] = STYLES[curve[0]]
+            used.add(styles[curve])
+    spare = iter(pair for pair in _CYCLE if pair not in used and pair not in STYLES.values())
+    for curve in ordered:
+        if curve not in styles:
+            styles[curve] = next(spare)
+    return styles
+
+
+def plot_frontier(
+    curves: Mapping[Curve, Sequence[Point]], path: str | Path, *, id_split: str, num_ood: int, title: str
+) -> str:
+    """OOD average vs ID accuracy, one line per (method, epochs) through its strengths, error bars = std over seeds."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 6.5))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    styles = curve_styles(curves)
+    _label, common = _labeller(curves)
+    for curve in _curve_order(curves):
+        points = sorted(curves[curve], key=lambda p: p.id_mean)
+        colour, marker = styles[curve]
+        long = curve[1] != common  # another run length than most curves: dashed, hollow markers
+        axes.errorbar(
+            [p.id_mean for p in points], [p.ood_mean for p in points],
+            xerr=[p.id_std for p in points], yerr=[p.ood_std for p in points],
+            fmt="--" if long else "-", color=colour, marker=marker, markersize=9 if marker == "*" else 6,
+            capsize=2, label=_label(curve), markerfacecolor="none" if long else colour,
+        )  # fmt: skip
+    axes.set_xlabel(f"ID accuracy, {id_split} (%)")
+    axes.set_ylabel(f"OOD accuracy, average of {num_ood} split(s) (%)")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return str(path)
+
+
+def write_frontier_report(
+    output_dir: str | Path,
+    rows: Sequence[Mapping],
+    *,
+    id_split: str,
+    ood_splits: Sequence[str],
+    header: str = "",
+    order: Sequence[str] = (),
+    title: str = "ID vs OOD over each method's strength (mean ± std over seeds)",
+) -> dict[str, str]:
+    """Write compare.md (summary, table, per-split table, matched-ID table), summary.md, compare.json, frontier.png.
+
+    Returns {what: path}. ``order`` lists method names to show first (the run's method order).
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    curves = curve_points(rows, id_split)
+    summary = plain_summary(curves, id_split=id_split, num_ood=len(ood_splits))
+    table = results_by_cell_table(rows, [id_split, OOD_AVG], headers=[f"ID ({id_split})", "OOD avg"], order=order)
+    per_split = results_by_cell_table(rows, [id_split, *ood_splits, OOD_AVG], order=order)
+    matched = matched_id_table(curves, exclude=("zero-shot",), order=order)
+    text = (
+        f"{header}## Summary\n\n{summary}\n\n## ID and OOD average (top-1 %, mean ± std over seeds)\n\n{table}\n\n"
+        f"## Every split\n\n{per_split}\n\n## OOD average at matched ID accuracy (linear interpolation on each mean "
+        f"curve; best in bold)\n\n{matched}\n"
+    )
+    paths = {
+        "report": output_dir / "compare.md",
+        "summary": output_dir / "summary.md",
+        "json": output_dir / "compare.json",
+        "plot": output_dir / "frontier.png",
+    }
+    paths["report"].write_text(text)
+    paths["summary"].write_text(summary + "\n")
+    payload = {
+        "id_split": id_split,
+        "ood_splits": list(ood_splits),
+        "curves": [{"method": c[0], "epochs": c[1], "points": [asdict(p) for p in pts]} for c, pts in curves.items()],
+        "summary": summary,
+    }
+    paths["json"].write_text(json.dumps(payload, indent=2))
+    if curves:
+        plot_frontier(curves, paths["plot"], id_split=id_split, num_ood=len(ood_splits), title=title)
+    else:
+        paths.pop("plot")
+    return {what: str(path) for what, path in paths.items()}

@@ -1,0 +1,211 @@
+"""recipes/compare.py: methods x strengths x seeds on a user's ImageFolder -> rows, tables, summary, plot; resumes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _builders import save_tiny_clip, write_imagefolder
+from PIL import Image
+
+from hf_cfft.cli.compare_grid import METHODS, parse_compare_args, plan_cells, with_dependencies
+from hf_cfft.evaluation.frontier import Point, best_at_id, plain_summary, read_rows, row_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("compare_recipe", ROOT / "recipes" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    images = write_imagefolder(root / "images", splits=("train", "val", "test"), per_class=4)
+    write_imagefolder(root / "shifted", splits=("ood",), per_class=3, seed=7)
+    (images / "ood").symlink_to(root / "shifted" / "ood")
+    return save_tiny_clip(root / "clip"), images
+
+
+def _finetune_flags(clip, images):
+    return [
+        "--model_name_or_path", str(clip), "--dataset_name", str(images), "--eval_splits", "test", "ood",
+        "--ood_splits", "ood", "--templates", "simple", "--per_device_train_batch_size", "4", "--max_steps", "2",
+        "--use_cpu", "--logging_steps", "1",
+    ]  # fmt: skip
+
+
+def test_compare_two_methods_two_strengths_writes_table_plot_summary_and_resumes(workspace, tmp_path, capsys):
+    clip, images = workspace
+    out = tmp_path / "cmp"
+    argv = [
+        "--methods", "ft_fd", "cfft", "--betas", "1", "3", "--seeds", "0", "--output_dir", str(out),
+        *_finetune_flags(clip, images),
+    ]  # fmt: skip
+    paths = _recipe().main(argv)
+
+    rows = read_rows(out)
+    assert sorted(row_key(r) for r in rows) == sorted(
+        f"{m}|{b}|2 steps|0" for m in ("FT+FD", "CFFT object/single") for b in ("1", "3")
+    )
+    for row in rows:
+        assert set(row["results"]) == {"test", "ood", "ood_avg"} and row["results"]["ood_avg"] == row["results"]["ood"]
+    report = Path(paths["report"]).read_text()
+    for needle in (
+        "## Summary",
+        "| FT+FD | 2 steps | beta 1 | 1 |",
+        "| CFFT object/single | 2 steps | beta 3 | 1 |",
+        "## Every split",
+        "| method | epochs | strength | seeds | test | ood | ood_avg |",
+        "matched ID",
+    ):
+        assert needle in report, needle
+    summary = Path(paths["summary"]).read_text()
+    assert "Best OOD average" in summary and "One seed per run" in summary
+    assert any(name in summary for name in ("FT+FD", "CFFT object/single"))
+    with Image.open(paths["plot"]) as plot:
+        assert plot.size[0] > 500 and plot.size[1] > 400
+    curves = json.loads(Path(paths["json"]).read_text())["curves"]
+    assert {c["method"] for c in curves} == {"FT+FD", "CFFT object/single"}
+    assert all([p["strength"] for p in c["points"]] == [1.0, 3.0] for c in curves)
+
+    capsys.readouterr()
+    _recipe().main(argv)  # everything has a row: nothing is trained again
+    assert "4 cells, 0 to run" in capsys.readouterr().out
+    assert len(read_rows(out)) == 4
+
+
+def test_compare_wise_ft_and_soups_reuse_the_trained_runs(workspace, tmp_path):
+    clip, images = workspace
+    out = tmp_path / "cmp"
+    _recipe().main([
+        "--methods", "zero_shot", "wise_ft", "uniform_soup", "greedy_soup", "--alphas", "0", "0.5", "1",
+        "--seeds", "0", "1", "--held_out_split", "val", "--output_dir", str(out), *_finetune_flags(clip, images),
+    ])  # fmt: skip
+    rows = {row_key(r): r for r in read_rows(out)}
+    assert set(rows) == {
+        "zero-shot|0|2 steps|0", "zero-shot|0|2 steps|1", "vanilla FT|0|2 steps|0", "vanilla FT|0|2 steps|1",
+        *(f"WiSE-FT|{a}|2 steps|{s}" for a in ("0", "0.5", "1") for s in (0, 1)),
+        "uniform soup|0|2 steps|all", "greedy soup|0|2 steps|all",
+    }  # fmt: skip
+    # WiSE-FT's end points are the models themselves.
+    assert rows["WiSE-FT|0|2 steps|0"]["results"] == rows["zero-shot|0|2 steps|0"]["results"]
+    assert rows["WiSE-FT|1|2 steps|1"]["results"] == rows["vanilla FT|0|2 steps|1"]["results"]
+    greedy = rows["greedy soup|0|2 steps|all"]
+    assert greedy["held_out_split"] == "val" and 1 <= len(greedy["chosen"]) <= 2
+    assert rows["uniform soup|0|2 steps|all"]["ingredients"] == ["vanilla FT|0|2 steps|0", "vanilla FT|0|2 steps|1"]
+    assert "greedy soup" in (out / "compare.md").read_text()
+
+
+def test_greedy_soup_refuses_an_ood_held_out_split(workspace, tmp_path):
+    clip, images = workspace
+    argv = ["--methods", "greedy_soup", "--held_out_split", "ood", "--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="'ood' is one of the OOD splits"):
+        _recipe().main([*argv, *_finetune_flags(clip, images)])
+
+
+def test_flags_split_between_compare_and_every_run(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "seeds: [0, 1]\nmethods: [ft, {key: slow, name: FT+FD, flags: [--mask_kind, none, --fill_kind, none], "
+        "strength: beta, strengths: [1], epochs: 5}]\nfinetune_args: {learning_rate: 1.0e-5}\n"
+    )
+    args, registry, finetune_argv = parse_compare_args(["--config", str(config), "--seed", "3", "--betas", "2"])
+    assert args.seeds == [0, 1] and args.betas == [2.0] and args.methods == ["ft", "slow"]
+    assert finetune_argv == ["--learning_rate", "1e-05", "--seed", "3"]  # "--seed" is not "--seeds"
+    cells = plan_cells(args.methods, registry, betas=args.betas, alphas=args.alphas, seeds=args.seeds, epochs=1.0)
+    assert [c.id for c in cells] == ["vanilla FT|0|1|0", "vanilla FT|0|1|1", "FT+FD|1|5|0", "FT+FD|1|5|1"]
+
+
+def test_dependencies_come_first():
+    assert with_dependencies(["wise_ft", "lp_ft", "greedy_soup"], METHODS) == [
+        "ft", "wise_ft", "lp", "lp_ft", "greedy_soup",
+    ]  # fmt: skip
+
+
+def test_world_frontier_config_reproduces_the_harness_grid():
+    spec = importlib.util.spec_from_file_location("world_frontier", ROOT / "benchmarks" / "world_frontier.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    args, registry, finetune_argv = parse_compare_args(
+        ["--config", str(ROOT / "recipes" / "configs" / "compare" / "world_frontier.yaml")]
+    )
+    assert finetune_argv[:2] == ["--config", "recipes/configs/world.yaml"]
+    cells = plan_cells(args.methods, registry, betas=args.betas, alphas=args.alphas, seeds=args.seeds, epochs=1)
+    ours = {c.id for c in cells}
+    theirs = {harness.key(c) for c in harness.cells(args.seeds)}
+    theirs |= {f"zero-shot|0|1|{s}" for s in args.seeds}
+    theirs |= {f"WiSE-FT|{a:g}|1|{s}" for a in harness.WISE_ALPHAS for s in args.seeds}
+    assert ours == theirs
+    for cell in cells:  # the same recipe flags as the harness's cells
+        if cell.spec.kind == "train":
+            assert tuple(harness.METHODS[cell.spec.name]) == cell.spec.flags[: len(harness.METHODS[cell.spec.name])]
+
+
+def test_summary_names_the_best_method_in_each_id_range():
+    curves = {
+        ("A", 1): [Point(1, 60, 0, 50, 0, 1), Point(3, 70, 0, 40, 0, 1)],
+        ("B", 1): [Point(1, 62, 0, 45, 0, 1), Point(3, 68, 0, 46, 0, 1)],
+    }
+    ranking = dict((t, [c[0] for _, c in r]) for t, r in best_at_id(curves))
+    assert ranking[62.0] == ["A", "B"] and ranking[68.0] == ["B", "A"]
+    text = plain_summary(curves, id_split="test", num_ood=2)
+    assert "from 60.0 to 62.0 % ID: A" in text and "from 68.0 to 68.0" not in text and "at 68.0 % ID: B" in text
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="two CPU processes via accelerate launch")
+def test_compare_under_accelerate_launch_two_processes(workspace, tmp_path):
+    # Both processes train every run together (DDP); the main one alone scores the post-hoc models and writes.
+    clip, images = workspace
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "recipes" / "compare.py"),
+        "--methods", "ft_fd", "wise_ft", "--betas", "1", "--alphas", "0.5", "--output_dir", str(out),
+        *_finetune_flags(clip, images),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "with 2 process(es) on cpu" in done.stdout
+    assert sorted(row_key(r) for r in read_rows(out)) == [
+        "FT+FD|1|2 steps|0", "WiSE-FT|0.5|2 steps|0", "vanilla FT|0|2 steps|0",
+    ]  # fmt: skip
+    assert (out / "frontier.png").is_file() and "## Summary" in (out / "compare.md").read_text()
+
+
+def test_compare_runs_flyp_and_lp_ft_as_curves_of_one_point(workspace, tmp_path):
+    clip, images = workspace
+    out = tmp_path / "cmp"
+    _recipe().main(["--methods", "flyp", "lp_ft", "--output_dir", str(out), *_finetune_flags(clip, images)])
+    assert sorted(row_key(r) for r in read_rows(out)) == [
+        "FLYP|0|2 steps|0",
+        "LP-FT|0|2 steps|0",
+        "linear probe|0|2 steps|0",
+    ]
+    # LP-FT started from the probe's folder: the probe's run is kept, and it is a saved classifier.
+    assert (out / "runs" / "linear_probe_0_2_steps_0" / "model.safetensors").is_file()
+    assert "FLYP" in (out / "summary.md").read_text() or "LP-FT" in (out / "summary.md").read_text()
+
+
+def test_compare_without_keep_models_deletes_runs_once_nothing_needs_them(workspace, tmp_path):
+    clip, images = workspace
+    out = tmp_path / "cmp"
+    argv = ["--methods", "ft", "wise_ft", "--alphas", "0.5", "--no_keep_models", "--output_dir", str(out)]
+    _recipe().main([*argv, *_finetune_flags(clip, images)])
+    assert len(read_rows(out)) == 2 and not any((out / "runs").iterdir()), "the vanilla run outlived its WiSE-FT"
+    # A WiSE-FT alpha added later needs the deleted run: it is trained again, and its row is not duplicated.
+    _recipe().main([*argv[:5], "1", *argv[5:], *_finetune_flags(clip, images)])
+    assert sorted(row_key(r) for r in read_rows(out)) == [
+        "WiSE-FT|0.5|2 steps|0", "WiSE-FT|1|2 steps|0", "vanilla FT|0|2 steps|0",
+    ]  # fmt: skip
