@@ -95,6 +95,7 @@ class CfftTrainer(Trainer):
                 mask_ratio=args.mask_ratio,
                 patch_size=model.config.vision_config.patch_size,
                 seed=args.seed,
+                refill_on_device=True,
             )
         super().__init__(
             model=model,
@@ -127,8 +128,8 @@ class CfftTrainer(Trainer):
         """Raw images -> the method's train set (`hf_cfft.data.prepare_train_dataset`), as configured by ``args``.
 
         Unreadable images fail with their names, or are dropped and counted in ``self.skipped_images``
-        (``args.skip_corrupt_images``). The teacher's CAMs are computed when the config needs them, main process
-        first, so the others read its cache. A dataset that already yields ``pixel_values`` (a format or transform
+        (``args.skip_corrupt_images``). The teacher's CAMs are computed when the config needs them, each process
+        computing its shard on its device. A dataset that already yields ``pixel_values`` (a format or transform
         set, or not a `datasets.Dataset`) is returned unchanged.
         """
         if not isinstance(dataset, datasets.Dataset):
@@ -142,24 +143,26 @@ class CfftTrainer(Trainer):
                 "already yields pixel_values"
             )
         args = self.args
-        with args.main_process_first(desc="teacher CAMs", local=True):
-            dataset, self.skipped_images = prepare_train_dataset(
-                dataset,
-                self.processing_class,
-                model=self.accelerator.unwrap_model(self.model),
-                cam_teacher=self.accelerator.unwrap_model(self.teacher) if args.needs_teacher_cams else None,
-                mask_kind=args.mask_kind if args.uses_counterfactuals else "none",
-                mask_threshold=args.mask_threshold,
-                mask_top_fraction=args.mask_top_fraction,
-                augment=args.augment,
-                cam_method=args.cam_method,
-                cam_batch_size=args.cam_batch_size,
-                image_check=args.image_check,
-                skip_corrupt_images=args.skip_corrupt_images,
-                image_column=self.image_column,
-                label_column=self.label_column,
-                device=args.device,
-            )
+        # Every process calls it: the teacher-CAM pass is sharded over them (hf_cfft.distributed_cams).
+        dataset, self.skipped_images = prepare_train_dataset(
+            dataset,
+            self.processing_class,
+            model=self.accelerator.unwrap_model(self.model),
+            cam_teacher=self.accelerator.unwrap_model(self.teacher) if args.needs_teacher_cams else None,
+            mask_kind=args.mask_kind if args.uses_counterfactuals else "none",
+            mask_threshold=args.mask_threshold,
+            mask_top_fraction=args.mask_top_fraction,
+            augment=args.augment,
+            cam_method=args.cam_method,
+            cam_batch_size=args.cam_batch_size,
+            cam_num_workers=args.dataloader_num_workers,
+            cam_dtype=getattr(torch, args.cam_dtype),
+            image_check=args.image_check,
+            skip_corrupt_images=args.skip_corrupt_images,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            device=args.device,
+        )
         return dataset
 
     # ---- optimisation switches for the paper's exact setting ----
@@ -207,14 +210,20 @@ class CfftTrainer(Trainer):
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The batch's counterfactual images ``(cf_pixel_values [B, C, H, W], cf_patch_keep [B, h * w] or None)``.
 
-        They come from the collator (masks cut from cached teacher CAMs, or random masks), or, given the student's
-        ``cam`` [B, h, w], are cut and refilled here, seeded by (seed, step, process, micro-step) so that a resumed
-        run draws the same refills. Returns None, counted in ``train/skipped_counterfactual_batches``, only for a
-        batch of one image that has no partner to refill from; any other batch without counterfactuals raises.
+        They are refilled here, on the training device, from the collator's masks (cut from cached teacher CAMs, or
+        random) and refill donors (or taken as they are when a collator built them: ``cf_pixel_values``). Given the
+        student's ``cam`` [B, h, w], they are cut and refilled here, seeded by (seed, step, process, micro-step) so
+        that a resumed run draws the same refills. Returns None, counted in ``train/skipped_counterfactual_batches``,
+        only for a batch of one image that has no partner to refill from; any other batch without counterfactuals
+        raises.
         """
         args, pixel_values = self.args, inputs["pixel_values"]
         if cam is None and "cf_pixel_values" in inputs:
             return inputs["cf_pixel_values"], inputs.get("cf_patch_keep")
+        if cam is None and "cf_mask" in inputs:  # the collator's masks and donors: the patches move on this device
+            patch_size = self.accelerator.unwrap_model(self.model).config.vision_config.patch_size
+            mask, donors = inputs["cf_mask"], inputs.get("cf_donors")
+            return make_counterfactuals(pixel_values, mask, args.fill_kind, patch_size, donors=donors)
         if args.fill_kind != "none" and pixel_values.shape[0] < 2:
             self._skipped_counterfactual_batches += 1
             if self._skipped_counterfactual_batches == 1:
