@@ -104,8 +104,17 @@ def main(argv: list[str] | None = None) -> dict:
         ).attach(trainer)
 
     results: dict[str, dict[str, float]] = {}
-    evaluate_kwargs = dict(ood_splits=data_args.ood_splits, batch_size=args.per_device_eval_batch_size, **columns)
-    if data_args.evaluate_zero_shot and splits and args.process_index == 0:
+    # Every process scores its share of each split (gathered: all get the same results), in the training precision.
+    evaluate_kwargs = dict(
+        ood_splits=data_args.ood_splits,
+        batch_size=args.per_device_eval_batch_size,
+        num_workers=args.dataloader_num_workers,
+        distributed=args.world_size > 1,
+        autocast_dtype=torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None),
+        show_progress=not args.disable_tqdm,
+        **columns,
+    )
+    if data_args.evaluate_zero_shot and splits:
         # The starting point: CLIP's zero-shot classifier, or the saved classifier fine-tuning resumes from (LP-FT);
         # with --teacher_name_or_path the teacher is reported too.
         start = "before fine-tuning" if is_cfft_checkpoint(model_args.model_name_or_path) else "zero-shot"
@@ -114,10 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
             results["teacher"] = evaluate_splits(trainer.teacher, splits, image_processor, **evaluate_kwargs)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
-    if splits and trainer.is_world_process_zero():
+    if splits:
         results["fine-tuned"] = evaluate_splits(trainer.model, splits, image_processor, **evaluate_kwargs)
-        print("\nTop-1 accuracy (%)\n" + write_results(results, args.output_dir, data_args, stem="eval_results"))
         trainer.eval_results = results
+        if trainer.is_world_process_zero():
+            print("\nTop-1 accuracy (%)\n" + write_results(results, args.output_dir, data_args, stem="eval_results"))
     # After evaluation, so the model card (and a --push_to_hub upload) carries the results table.
     trainer.save_model(args.output_dir)
     trainer.accelerator.wait_for_everyone()
