@@ -33,6 +33,7 @@ from hf_cfft.cli.script_args import (
 )
 from hf_cfft.cli.sources import class_names_for
 from hf_cfft.evaluation import evaluate_splits
+from hf_cfft.fast_images import FastImageProcessor
 from hf_cfft.release.checkpoints import resolve_resume_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "world.yaml"
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
         show_progress=args.process_index == 0,
     )
     image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+    # What evaluation preprocesses with; the trainer applies the same switch to the train set.
+    eval_processor = FastImageProcessor(image_processor) if args.fast_image_processing else image_processor
     columns = {"image_column": data_args.image_column, "label_column": data_args.label_column}
     teacher = None
     if model_args.teacher_name_or_path:
@@ -118,13 +121,13 @@ def main(argv: list[str] | None = None) -> dict:
         # The starting point: CLIP's zero-shot classifier, or the saved classifier fine-tuning resumes from (LP-FT);
         # with --teacher_name_or_path the teacher is reported too.
         start = "before fine-tuning" if is_cfft_checkpoint(model_args.model_name_or_path) else "zero-shot"
-        results[start] = evaluate_splits(trainer.model, splits, image_processor, **evaluate_kwargs)
+        results[start] = evaluate_splits(trainer.model, splits, eval_processor, **evaluate_kwargs)
         if model_args.teacher_name_or_path:
-            results["teacher"] = evaluate_splits(trainer.teacher, splits, image_processor, **evaluate_kwargs)
+            results["teacher"] = evaluate_splits(trainer.teacher, splits, eval_processor, **evaluate_kwargs)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
     if splits:
-        results["fine-tuned"] = evaluate_splits(trainer.model, splits, image_processor, **evaluate_kwargs)
+        results["fine-tuned"] = evaluate_splits(trainer.model, splits, eval_processor, **evaluate_kwargs)
         trainer.eval_results = results
         if trainer.is_world_process_zero():
             print("\nTop-1 accuracy (%)\n" + write_results(results, args.output_dir, data_args, stem="eval_results"))

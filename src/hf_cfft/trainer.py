@@ -25,6 +25,7 @@ from ._forward import call_as_forward
 from .cam import CamRecorder, compute_cam
 from .config import CfftConfig
 from .data import CounterfactualCollator, prepare_train_dataset
+from .fast_images import FastImageProcessor
 from .losses import counterfactual_loss
 from .masking import cam_patch_mask, make_counterfactuals
 from .modeling import ClipCfftForImageClassification
@@ -144,9 +145,10 @@ class CfftTrainer(Trainer):
             )
         args = self.args
         # Every process calls it: the teacher-CAM pass is sharded over them (hf_cfft.distributed_cams).
+        processor = FastImageProcessor(self.processing_class) if args.fast_image_processing else self.processing_class
         dataset, self.skipped_images = prepare_train_dataset(
             dataset,
-            self.processing_class,
+            processor,
             model=self.accelerator.unwrap_model(self.model),
             cam_teacher=self.accelerator.unwrap_model(self.teacher) if args.needs_teacher_cams else None,
             mask_kind=args.mask_kind if args.uses_counterfactuals else "none",
