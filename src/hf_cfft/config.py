@@ -17,7 +17,7 @@ from .image_checks import CHECKS as IMAGE_CHECKS
 from .losses import DISTILL_TARGETS
 from .masking import FILL_KINDS, MASK_KINDS
 
-CAM_SOURCES = ("teacher", "student")
+CAM_SOURCES = ("teacher", "student", "teacher_online")
 CAM_DTYPES = ("float16", "float32")
 AUGMENTATIONS = ("none", "flip", "crop_flip")
 
@@ -68,8 +68,10 @@ class CfftConfig(TrainingArguments):
     cam_source: str = field(
         default="teacher",
         metadata={
-            "help": "Model whose CAM picks the mask: 'teacher' (pre-computed once with Dataset.map, cached: cheap) "
-            "or 'student' (recomputed every step by the model being trained, as the reference code does)."
+            "help": "Model whose CAM picks the mask: 'teacher' (pre-computed once over the train set, cached: cheap), "
+            "'student' (recomputed every step by the model being trained, as the reference code does), or "
+            "'teacher_online' (the frozen teacher's CAM computed per batch on the device: for streamed train sets, "
+            "which cannot be pre-computed)."
         },
     )
     distill_target: str = field(
@@ -193,6 +195,15 @@ class CfftConfig(TrainingArguments):
     def needs_teacher_cams(self) -> bool:
         """Whether the train set needs a pre-computed ``cam`` column."""
         return self.uses_counterfactuals and self.mask_kind in ("object", "context") and self.cam_source == "teacher"
+
+    @property
+    def needs_online_teacher_cams(self) -> bool:
+        """Whether the frozen teacher computes the CAM that picks the masks, per batch, inside the step."""
+        return (
+            self.uses_counterfactuals
+            and self.mask_kind in ("object", "context")
+            and self.cam_source == "teacher_online"
+        )
 
     @property
     def needs_student_cams(self) -> bool:

@@ -30,6 +30,7 @@ from .losses import counterfactual_loss
 from .masking import cam_patch_mask, make_counterfactuals
 from .modeling import ClipCfftForImageClassification
 from .release.model_card import TRAINING_ARGS_JSON, write_model_card
+from .streaming import prepare_streaming_train_dataset
 
 logger = logging.get_logger(__name__)
 
@@ -133,6 +134,8 @@ class CfftTrainer(Trainer):
         computing its shard on its device. A dataset that already yields ``pixel_values`` (a format or transform
         set, or not a `datasets.Dataset`) is returned unchanged.
         """
+        if isinstance(dataset, datasets.IterableDataset):
+            return self._prepare_streaming_dataset(dataset)
         if not isinstance(dataset, datasets.Dataset):
             return dataset
         if dataset.format["type"] is not None or "pixel_values" in dataset.column_names:
@@ -166,6 +169,28 @@ class CfftTrainer(Trainer):
             device=args.device,
         )
         return dataset
+
+    def _prepare_streaming_dataset(self, dataset: datasets.IterableDataset) -> datasets.IterableDataset:
+        """A streamed raw train set -> preprocessed examples (`hf_cfft.streaming`); teacher CAMs cannot be cached."""
+        args = self.args
+        if args.needs_teacher_cams:
+            raise ValueError(
+                "cam_source='teacher' pre-computes the teacher's CAMs over the whole train set, which a streamed "
+                "(IterableDataset) train set cannot give; use cam_source='teacher_online' (the teacher's CAM per "
+                "batch, on the device) or cam_source='student', or load the dataset without streaming=True"
+            )
+        if self.processing_class is None:
+            raise ValueError("CfftTrainer needs processing_class=<the checkpoint's image processor> for a raw stream")
+        processor = FastImageProcessor(self.processing_class) if args.fast_image_processing else self.processing_class
+        return prepare_streaming_train_dataset(
+            dataset,
+            processor,
+            model=self.accelerator.unwrap_model(self.model),
+            augment=args.augment,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            batch_size=args.per_device_train_batch_size,
+        )
 
     # ---- optimisation switches for the paper's exact setting ----
 
@@ -286,7 +311,11 @@ class CfftTrainer(Trainer):
         if view == "clean":
             return inputs["pixel_values"], None
         if view == "counterfactual" and not self.student_cams:
-            return self.counterfactual_batch(inputs)
+            cam = None
+            if self.args.needs_online_teacher_cams:  # the frozen teacher's CAM of this batch, on the device
+                teacher = self.accelerator.unwrap_model(self.teacher)
+                cam = compute_cam(teacher, inputs["pixel_values"], inputs["labels"], self.args.cam_method)
+            return self.counterfactual_batch(inputs, cam=cam)
         return None
 
     def _student_pass(self, model, inputs: dict[str, torch.Tensor], view: str, distilled):
