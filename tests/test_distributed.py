@@ -150,3 +150,26 @@ def test_evaluation_runs_under_the_training_precision(tiny_classifier, tiny_imag
     assert dtypes == [torch.float32] * 3 + [torch.bfloat16] * 3
     assert bf16.dtype == np.float32 and labels.tolist() == [0, 1, 2, 0, 1]
     np.testing.assert_allclose(bf16, fp32, atol=5e-2)
+
+
+def test_every_process_runs_as_many_forwards_as_the_largest_share(tiny_classifier, tiny_image_processor, monkeypatch):
+    """A sharded model (FSDP) gathers weights in each forward: a process with a shorter share must not stop early."""
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    import hf_cfft.evaluation.prediction as prediction
+
+    rng = np.random.default_rng(0)
+    images = [PILImage.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(9)]
+    dataset = Dataset.from_dict(
+        {"image": images, "label": [i % 3 for i in range(9)]}, Features({"image": Image(), "label": Value("int64")})
+    )
+    monkeypatch.setattr(prediction, "world", lambda: (1, 2))  # the second of 2 processes: rows 5..8
+    monkeypatch.setattr(prediction, "gather_rows", lambda rows, device=None: rows)
+    calls = []
+    tiny_classifier.register_forward_hook(lambda module, args, kwargs, out: calls.append(1), with_kwargs=True)
+    logits, labels = prediction.predict_logits(
+        tiny_classifier, dataset, tiny_image_processor, batch_size=2, distributed=True
+    )
+    assert labels.tolist() == [2, 0, 1, 2] and logits.shape == (4, 3)
+    assert len(calls) == 3  # 2 batches of its own + 1 spare: the first process's 5 rows take 3

@@ -7,6 +7,7 @@ splits (datasets, or `EvalSet`s with a protocol: the ImageNet shifts) -> `evalua
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -76,11 +77,19 @@ def predict_logits(
     model.eval()
     width = getattr(getattr(model, "config", None), "num_labels", 0)
     logits, labels = [torch.zeros(0, width)], [torch.zeros(0, dtype=torch.long)]
+    # A sharded model (FSDP) gathers its weights in every forward, a collective: every process runs as many forwards
+    # as the largest share needs, the short ones on a throw-away copy of a row.
+    forwards = math.ceil(shard_bounds(len(dataset), size, 0)[1] / batch_size) if size > 1 else 0
     with autocast:
         for pixels, batch_labels in loader:
             logits.append(model(pixel_values=pixels.to(device)).logits.float().cpu())
             labels.append(batch_labels)
             progress.update(len(batch_labels) * size)  # the other shares advance at about this pace
+            forwards -= 1
+        if forwards > 0 and len(dataset):
+            spare = collate([dataset[len(dataset) - 1]])[0].to(device)
+            for _ in range(forwards):
+                model(pixel_values=spare)
     progress.close()
     model.train(was_training)
     logits, labels = torch.cat(logits), torch.cat(labels)
