@@ -14,7 +14,8 @@ one worker), round-robin over the cases, medians of ``--repeats`` rounds:
   the image processor: the pipeline before the change;
 - ``after``: the same with `FastImageProcessor` and the collator drawing masks and donors only (``refill_on_device``,
   what `CfftTrainer` uses);
-- ``device_refill``: what the trainer then does on the training device (here the CPU) per batch, for reference.
+- ``device_refill``: what the trainer then does per batch on the training device (``--refill_device``, default the
+  CPU), for reference.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ LABELS = {
     "decode_fast": "decode + FastImageProcessor",
     "before": "before: transform + collator refilling in the worker, image processor",
     "after": "after: transform + collator drawing masks and donors, FastImageProcessor",
-    "device_refill": "the trainer's refill of the batch on the device (here: CPU)",
+    "device_refill": "the trainer's refill of the batch on the training device (--refill_device)",
 }
 
 
@@ -78,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (a worker usually has 1)")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--refill_device", default="cpu", help="where device_refill runs, e.g. cuda")
     parser.add_argument(
         "--accuracy",
         action="store_true",
@@ -135,6 +137,7 @@ def run(args: argparse.Namespace) -> str:
     from transformers import CLIPImageProcessor
 
     side, patch = args.image_size, args.patch_size
+    refill_device = torch.device(args.refill_device)
     processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     fast = FastImageProcessor(processor) if FastImageProcessor is not None else None
     width, height = (int(v) for v in args.source.split("x"))
@@ -162,7 +165,7 @@ def run(args: argparse.Namespace) -> str:
     cases = {"decode_processor": lambda: preprocess_images(processor, items), "before": pipeline(processor, False)}
     if fast is not None:
         after = pipeline(fast, True)
-        prepared = after()
+        prepared = {key: value.to(refill_device) for key, value in after().items()}
 
         def device_refill():
             return make_counterfactuals(
@@ -179,7 +182,7 @@ def run(args: argparse.Namespace) -> str:
     times = {name: Measurement() for name in cases}
     for round_index in range(args.warmup + args.repeats):
         for name, fn in cases.items():
-            wall, cpu = timed(fn, device)
+            wall, cpu = timed(fn, refill_device if name == "device_refill" else device)
             if round_index >= args.warmup:
                 times[name].wall.append(wall)
                 times[name].cpu.append(cpu)
