@@ -6,7 +6,10 @@
     python recipes/evaluate_ood.py --model_name_or_path outputs/mine --dataset_name /data/my_images \\
         --id_split test --ood_splits test_sketch test_night
 
-Writes results.json, results.md and effective_robustness.png to --output_dir. See docs/ood_evaluation.md.
+    accelerate launch --num_processes 8 recipes/evaluate_ood.py --model_name_or_path ... --bf16   # all GPUs
+
+Writes results.json, results.md and effective_robustness.png to --output_dir. See docs/ood_evaluation.md. Under
+`accelerate launch` every process scores its share of each set; the first process writes the report.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import PartialState
 from transformers import AutoImageProcessor, HfArgumentParser
 
 from hf_cfft import is_cfft_checkpoint, load_class_names, load_classifier, load_templates
@@ -74,8 +78,14 @@ class EvalArguments:
     label_column: str = field(default="label", metadata={"help": "Label column of --dataset_name."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "At most this many images per set."})
     batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
-    device: str | None = field(default=None, metadata={"help": "Default: cuda when available, else cpu."})
+    num_workers: int = field(
+        default_factory=lambda: min(4, os.cpu_count() or 1), metadata={"help": "DataLoader workers per process."}
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "Default: this process's accelerator device (cuda when available), else cpu."}
+    )
+    bf16: bool = field(default=False, metadata={"help": "Score under bf16 autocast (the precision of bf16 runs)."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the embedded world's splits."})
     output_dir: str = field(default="outputs/ood_eval", metadata={"help": "Where the results are written."})
 
@@ -138,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--model_name_or_path is required (one or more CLIP checkpoints or saved classifiers)")
     for s in sets:
         s.dataset = subsample(s.dataset, args.max_eval_samples)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    state = PartialState(cpu=args.device == "cpu")
+    device = args.device or state.device
     templates = load_templates(args.templates or default_templates)
 
     runs = []
@@ -153,10 +164,15 @@ def main(argv: list[str] | None = None) -> dict:
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             device=device,
+            distributed=state.num_processes > 1,
+            autocast_dtype=torch.bfloat16 if args.bf16 else None,
+            show_progress=not args.disable_tqdm,
         )
         runs.append(RunResult(name, path, zero_shot=not is_cfft_checkpoint(path), accuracy=accuracy))
         del model
 
+    if not state.is_main_process:
+        return {}
     report = write_robustness_report(
         args.output_dir, runs, sets, id_name=id_name, ood_names=ood_names, benchmark=benchmark
     )

@@ -40,6 +40,7 @@ from hf_cfft.cli.script_args import (
 )
 from hf_cfft.cli.sources import WORLD, class_names_for
 from hf_cfft.evaluation import evaluate_splits
+from hf_cfft.fast_images import FastImageProcessor
 from hf_cfft.release.checkpoints import check_run_folder, resolve_resume_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "world.yaml"
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     class_names = class_names_for(model_args.class_names, train, data_args.label_column)
 
     image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+    # What evaluation preprocesses with; the trainer applies the same switch to the train set.
+    eval_processor = FastImageProcessor(image_processor) if args.fast_image_processing else image_processor
     columns = {"image_column": data_args.image_column, "label_column": data_args.label_column}
     flyp = args.method == "flyp"
     vanilla_start = None
@@ -134,26 +137,38 @@ def main(argv: list[str] | None = None) -> dict:
         ).attach(trainer)
 
     results: dict[str, dict[str, float]] = {}
-    evaluate_kwargs = dict(ood_splits=data_args.ood_splits, batch_size=args.per_device_eval_batch_size, **columns)
-    if data_args.evaluate_zero_shot and splits and args.process_index == 0:
+    # Every process scores its share of each split (gathered: all get the same results), in the training precision.
+    evaluate_kwargs = dict(
+        ood_splits=data_args.ood_splits,
+        batch_size=args.per_device_eval_batch_size,
+        num_workers=args.dataloader_num_workers,
+        distributed=args.world_size > 1,
+        autocast_dtype=torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None),
+        show_progress=not args.disable_tqdm,
+        **columns,
+    )
+    if data_args.evaluate_zero_shot and splits:
         # The starting point: CLIP's zero-shot classifier, or the saved classifier fine-tuning resumes from (LP-FT);
         # with --teacher_name_or_path the teacher is reported too.
         start = "before fine-tuning" if is_cfft_checkpoint(model_args.model_name_or_path) else "zero-shot"
         start_model = trainer.classifier() if flyp else trainer.model
-        results[start] = evaluate_splits(start_model, splits, image_processor, **evaluate_kwargs)
+        results[start] = evaluate_splits(start_model, splits, eval_processor, **evaluate_kwargs)
         if model_args.teacher_name_or_path:
-            results["teacher"] = evaluate_splits(trainer.teacher, splits, image_processor, **evaluate_kwargs)
+            results["teacher"] = evaluate_splits(trainer.teacher, splits, eval_processor, **evaluate_kwargs)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
-    if splits and trainer.is_world_process_zero():
+    if splits:
         tuned = trainer.classifier() if flyp else trainer.model
-        results["fine-tuned"] = evaluate_splits(tuned, splits, image_processor, **evaluate_kwargs)
-        write_results(results, args.output_dir, data_args, stem="eval_results")
+        results["fine-tuned"] = evaluate_splits(tuned, splits, eval_processor, **evaluate_kwargs)
         trainer.eval_results = results
+        if trainer.is_world_process_zero():
+            write_results(results, args.output_dir, data_args, stem="eval_results")
     # After evaluation, so the model card (and a --push_to_hub upload) carries the results table.
     trainer.save_model(args.output_dir)
     if vanilla_start is not None:
-        results = _with_vanilla_row(results, vanilla_start, args, train, splits, image_processor, evaluate_kwargs)
+        results = _with_vanilla_row(
+            results, vanilla_start, args, train, splits, (image_processor, eval_processor), evaluate_kwargs
+        )
         if trainer.is_world_process_zero():
             trainer.eval_results = results
             trainer.create_model_card()  # the card's table gains the vanilla row
@@ -166,8 +181,12 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def _with_vanilla_row(results, start_model, args, train, splits, image_processor, evaluate_kwargs) -> dict:
-    """``results`` with vanilla fine-tuning's row (trained here, not saved) before the "fine-tuned" row."""
+def _with_vanilla_row(results, start_model, args, train, splits, processors, evaluate_kwargs) -> dict:
+    """``results`` with vanilla fine-tuning's row (trained here, not saved) before the "fine-tuned" row.
+
+    ``processors``: (the checkpoint's image processor, for training; the evaluation one).
+    """
+    image_processor, eval_processor = processors
     with tempfile.TemporaryDirectory(prefix="vanilla_ft_") as scratch:
         vanilla = CfftTrainer(
             model=start_model,
@@ -180,9 +199,9 @@ def _with_vanilla_row(results, start_model, args, train, splits, image_processor
         if args.process_index == 0:
             print("Training vanilla fine-tuning (beta 0, no masks; same data, steps, seed) for comparison.")
         vanilla.train()
-        if not (splits and vanilla.is_world_process_zero()):
+        if not splits:
             return results
-        row = evaluate_splits(vanilla.model, splits, image_processor, **evaluate_kwargs)
+        row = evaluate_splits(vanilla.model, splits, eval_processor, **evaluate_kwargs)  # every process: sharded
     ordered = {key: value for key, value in results.items() if key != "fine-tuned"}
     ordered[VANILLA_ROW] = row
     ordered["fine-tuned"] = results["fine-tuned"]

@@ -80,7 +80,10 @@ def test_trainer_prepares_a_raw_dataset_with_teacher_cams_and_masks(tiny_classif
     assert set(example) >= {"pixel_values", "labels", "cf_mask"}
     assert "cam" in trainer.train_dataset.column_names and example["cf_mask"].shape == (4, 4)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    assert batch["cf_pixel_values"].shape == (4, 3, 32, 32)
+    # The worker draws masks and donors only; the trainer refills on the training device.
+    assert "cf_pixel_values" not in batch and batch["cf_mask"].shape == (4, 4, 4) and batch["cf_donors"].shape == (4,)
+    cf_pixel_values, keep = trainer.counterfactual_batch(batch)
+    assert cf_pixel_values.shape == (4, 3, 32, 32) and keep is None
 
 
 def test_trainer_leaves_a_prepared_dataset_alone(tiny_classifier, tmp_path):

@@ -21,7 +21,8 @@ from .image_checks import CHECKS as IMAGE_CHECKS
 from .losses import DISTILL_TARGETS
 from .masking import FILL_KINDS, MASK_KINDS
 
-CAM_SOURCES = ("teacher", "student")
+CAM_SOURCES = ("teacher", "student", "teacher_online")
+CAM_DTYPES = ("float16", "float32")
 TRAINING_METHODS = ("cfft", "flyp")
 AUGMENTATIONS = ("none", "flip", "crop_flip")
 
@@ -85,8 +86,10 @@ class CfftConfig(TrainingArguments):
     cam_source: str = field(
         default="teacher",
         metadata={
-            "help": "Model whose CAM picks the mask: 'teacher' (pre-computed once with Dataset.map, cached: cheap) "
-            "or 'student' (recomputed every step by the model being trained, as the reference code does)."
+            "help": "Model whose CAM picks the mask: 'teacher' (pre-computed once over the train set, cached: cheap), "
+            "'student' (recomputed every step by the model being trained, as the reference code does), or "
+            "'teacher_online' (the frozen teacher's CAM computed per batch on the device: for streamed train sets, "
+            "which cannot be pre-computed)."
         },
     )
     distill_target: str = field(
@@ -116,6 +119,21 @@ class CfftConfig(TrainingArguments):
         },
     )
     cam_batch_size: int = field(default=64, metadata={"help": "Batch size of the teacher-CAM pre-computation pass."})
+    cam_dtype: str = field(
+        default="float16",
+        metadata={
+            "help": "Storage of the pre-computed teacher CAMs: 'float16' (ImageNet at ViT-B/16: 1.28M x 196 x 2 bytes "
+            "= 502 MB) or 'float32' (1.0 GB). Masks differ only for patches within 1.2e-4 of the threshold."
+        },
+    )
+    fast_image_processing: bool = field(
+        default=False,
+        metadata={
+            "help": "Preprocess train images with hf_cfft.fast_images.FastImageProcessor: the checkpoint processor's "
+            "resize, crop and normalisation as batched torch ops (no torchvision needed), about 2-3x the images/s "
+            "of one DataLoader worker at 224 px; pixels within 1-2 grey levels of the processor's."
+        },
+    )
     image_check: str = field(
         default="verify",
         metadata={
@@ -180,6 +198,7 @@ class CfftConfig(TrainingArguments):
         _choice("fill_kind", self.fill_kind, FILL_KINDS)
         _choice("cam_method", self.cam_method, CAM_METHODS)
         _choice("cam_source", self.cam_source, CAM_SOURCES)
+        _choice("cam_dtype", self.cam_dtype, CAM_DTYPES)
         _choice("distill_target", self.distill_target, DISTILL_TARGETS)
         _choice("augment", self.augment, AUGMENTATIONS)
         _choice("image_check", self.image_check, IMAGE_CHECKS)
@@ -251,6 +270,15 @@ class CfftConfig(TrainingArguments):
     def needs_teacher_cams(self) -> bool:
         """Whether the train set needs a pre-computed ``cam`` column."""
         return self.uses_counterfactuals and self.mask_kind in ("object", "context") and self.cam_source == "teacher"
+
+    @property
+    def needs_online_teacher_cams(self) -> bool:
+        """Whether the frozen teacher computes the CAM that picks the masks, per batch, inside the step."""
+        return (
+            self.uses_counterfactuals
+            and self.mask_kind in ("object", "context")
+            and self.cam_source == "teacher_online"
+        )
 
     @property
     def needs_student_cams(self) -> bool:

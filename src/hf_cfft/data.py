@@ -1,68 +1,32 @@
 """Data steps: teacher-CAM pre-computation (``Dataset.map``), the ``with_transform`` step and the collator.
 
-    train Dataset --drop_unreadable_images, undecoded--precompute_cams (map, cached)--> + "cam" column
+    train Dataset --drop_unreadable_images, undecoded--precompute_cams (sharded, cached)--> + "cam" column
         --with_transform(CounterfactualTransform)--> pixel_values, labels, cf_mask (object/context masks)
-        --CounterfactualCollator--> pixel_values, labels, cf_pixel_values [, cf_patch_keep]
+        --CounterfactualCollator--> pixel_values, labels, cf_mask, cf_donors (the trainer's: refilled on the device)
+                                  or pixel_values, labels, cf_pixel_values [, cf_patch_keep] (refilled here)
 
-The transform cuts the CAM masks per image; the collator draws random masks and refills, because refilling takes
-patches from other images of the same batch. Randomness in the collator is seeded from the batch's content, so a
+The transform cuts the CAM masks per image; the collator draws random masks and the refill donors, because refilling
+takes patches from other images of the same batch. Randomness in the collator is seeded from the batch's content, so a
 batch gets the same counterfactuals whichever worker builds it and after a resume.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from datasets.fingerprint import Hasher
-from PIL import Image
 
-from .cam import compute_cam
+from ._distributed import local_main_process_first
+from .distributed_cams import precompute_cams
 from .image_checks import drop_unreadable_images, undecoded
-from .masking import cam_patch_mask, make_counterfactuals, random_patch_mask
-
-
-def load_image(item: Any) -> Image.Image:
-    """A PIL RGB image from a decoded image or an undecoded ``{"path", "bytes"}`` dict (``Image(decode=False)``).
-
-    Decoding here rather than inside ``datasets`` lets a broken file be reported by its name.
-    """
-    if isinstance(item, dict):
-        name = item.get("path") or "<in-memory bytes>"
-        try:
-            image = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
-            image.load()
-        except (OSError, SyntaxError, ValueError) as error:
-            raise ValueError(
-                f"cannot read image {name}: {error}. Remove or replace the file, or train with "
-                "--skip_corrupt_images true to drop unreadable images before training"
-            ) from error
-    else:
-        image = item
-    # CLIP expects 3 channels; grayscale, palette, CMYK and RGBA images are common in user folders.
-    return image.convert("RGB") if image.mode != "RGB" else image
-
-
-def _check_labels(labels: Sequence[int], num_labels: int | None) -> None:
-    if num_labels is None:
-        return
-    for label in labels:
-        if not 0 <= int(label) < num_labels:
-            raise ValueError(
-                f"label {label} is outside the model's classes 0..{num_labels - 1}; check that the dataset's label "
-                "column matches the class names the head was built from"
-            )
-
-
-def preprocess_images(image_processor: Callable, images: Sequence[Any]) -> torch.Tensor:
-    """PIL images -> [B, C, H, W] float pixel values with the checkpoint's own resize, crop and normalisation."""
-    return image_processor(images=[load_image(image) for image in images], return_tensors="pt")["pixel_values"]
+from .images import check_labels, load_image, preprocess_images
+from .masking import cam_patch_mask, draw_donors, make_counterfactuals, random_patch_mask
 
 
 def _random_resized_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
@@ -141,11 +105,17 @@ class CounterfactualTransform:
             if column not in batch:
                 raise KeyError(f"column {column!r} not found; the dataset has {sorted(batch)}. Set the column name.")
         labels = [int(label) for label in batch[self.label_column]]
-        _check_labels(labels, self.num_labels)
+        check_labels(labels, self.num_labels)
         pixels = preprocess_images(self.image_processor, batch[self.image_column])
         cams = batch.get(self.cam_column)
         out: dict[str, list] = {"pixel_values": [], "labels": labels}
         cut_masks = cams is not None and self.mask_kind in ("object", "context")
+        if self.augment == "none":  # the paper's setting: one batched mask cut, the images as they are
+            out["pixel_values"] = list(pixels)
+            if cut_masks:
+                cam = torch.as_tensor(np.asarray(cams, dtype=np.float32)).view(len(labels), *self.grid)
+                out["cf_mask"] = list(cam_patch_mask(cam, self.mask_kind, self.mask_threshold, self.mask_top_fraction))
+            return out
         if cut_masks:
             out["cf_mask"] = []
         for i in range(len(labels)):
@@ -159,6 +129,24 @@ class CounterfactualTransform:
         return out
 
 
+def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(rows)``, without the copy when the rows are, in order, the rows of one contiguous batch.
+
+    `CounterfactualTransform` preprocesses a DataLoader batch at once and hands out its rows as views; stacking them
+    again would copy every image once more (about 15% of a worker's time at 224 px).
+    """
+    base = rows[0]._base if rows else None
+    if (
+        base is not None
+        and base.is_contiguous()
+        and base.shape == (len(rows), *rows[0].shape)
+        and all(row._base is base and row.data_ptr() == base[i].data_ptr() for i, row in enumerate(rows))
+        and all(row.is_contiguous() for row in rows)
+    ):
+        return base
+    return torch.stack(rows)
+
+
 def batch_generator(seed: int, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Generator:
     """A generator seeded by ``seed`` and a cheap fingerprint of the batch's content ([B, C, H, W], [B])."""
     digest = hashlib.blake2b(digest_size=8)
@@ -169,22 +157,37 @@ def batch_generator(seed: int, pixel_values: torch.Tensor, labels: torch.Tensor)
 
 
 class CounterfactualCollator:
-    """Stack examples and build counterfactual images for the batch.
+    """Stack examples and draw the batch's counterfactuals: masks and refill donors, and by default the images too.
 
     Output: ``pixel_values`` [B, C, H, W], ``labels`` [B], and when masks exist (``cf_mask`` from the transform, or
-    ``mask_kind='random'``) and the batch has a refill partner: ``cf_pixel_values`` [B, C, H, W], plus
-    ``cf_patch_keep`` [B, h * w] for no-fill.
+    ``mask_kind='random'``) and the batch has a refill partner:
+
+    - ``refill_on_device=False``: ``cf_pixel_values`` [B, C, H, W], plus ``cf_patch_keep`` [B, h * w] for no-fill;
+    - ``refill_on_device=True`` (what `CfftTrainer` uses): ``cf_mask`` [B, h, w] bool and, for single-/multi-fill,
+      ``cf_donors`` ([B] or [B, h, w] long, `hf_cfft.masking.draw_donors`). The trainer moves the patches on the
+      training device (`hf_cfft.masking.make_counterfactuals` with ``donors``), so a worker no longer copies the
+      batch; the draws are the same, so the counterfactuals are bit-identical.
     """
 
-    def __init__(self, *, mask_kind: str, fill_kind: str, mask_ratio: float, patch_size: int, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        mask_kind: str,
+        fill_kind: str,
+        mask_ratio: float,
+        patch_size: int,
+        seed: int = 0,
+        refill_on_device: bool = False,
+    ):
         self.mask_kind = mask_kind
         self.fill_kind = fill_kind
         self.mask_ratio = mask_ratio
         self.patch_size = patch_size
         self.seed = seed
+        self.refill_on_device = refill_on_device
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pixel_values = torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])
+        pixel_values = stack_rows([torch.as_tensor(e["pixel_values"]) for e in examples])
         labels = torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long)
         batch = {"pixel_values": pixel_values, "labels": labels}
         size = len(examples)
@@ -198,56 +201,17 @@ class CounterfactualCollator:
             mask = torch.stack([torch.as_tensor(e["cf_mask"], dtype=torch.bool) for e in examples])
         else:
             return batch
+        if self.refill_on_device:
+            batch["cf_mask"] = mask
+            donors = draw_donors(self.fill_kind, size, grid, generator)
+            if donors is not None:
+                batch["cf_donors"] = donors
+            return batch
         cf_pixel_values, keep = make_counterfactuals(pixel_values, mask, self.fill_kind, self.patch_size, generator)
         batch["cf_pixel_values"] = cf_pixel_values
         if keep is not None:
             batch["cf_patch_keep"] = keep
         return batch
-
-
-def _weights_digest(model: torch.nn.Module) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def precompute_cams(
-    dataset: Dataset,
-    model: torch.nn.Module,
-    image_processor: Callable,
-    *,
-    method: str = "rollout",
-    batch_size: int = 64,
-    image_column: str = "image",
-    label_column: str = "label",
-    cam_column: str = "cam",
-    device: torch.device | str | None = None,
-) -> Dataset:
-    """Add a ``cam`` column ([h * w] floats per image, max-normalised) computed by the frozen ``model``.
-
-    Runs once through ``Dataset.map``. The fingerprint covers the dataset, the teacher's weights, the method and the
-    preprocessing, so a file-backed dataset reuses its cached result on the next run instead of recomputing.
-    """
-    if cam_column in dataset.column_names:
-        return dataset
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    num_labels = model.config.num_labels
-    fingerprint = Hasher.hash(
-        [dataset._fingerprint, _weights_digest(model), method, image_processor.to_dict(), image_column, label_column]
-    )
-
-    def add_cams(batch: dict[str, list]) -> dict[str, list]:
-        _check_labels(batch[label_column], num_labels)
-        pixels = preprocess_images(image_processor, batch[image_column]).to(device)
-        labels = torch.as_tensor(batch[label_column], device=device)
-        cams = compute_cam(model, pixels, labels, method)
-        return {cam_column: cams.flatten(1).float().cpu().numpy()}
-
-    return dataset.map(
-        add_cams, batched=True, batch_size=batch_size, new_fingerprint=fingerprint, desc=f"teacher CAMs ({method})"
-    )
 
 
 def prepare_train_dataset(
@@ -262,6 +226,8 @@ def prepare_train_dataset(
     augment: str = "none",
     cam_method: str = "rollout",
     cam_batch_size: int = 64,
+    cam_num_workers: int = 0,
+    cam_dtype: torch.dtype = torch.float32,
     image_check: str = "verify",
     skip_corrupt_images: bool = False,
     image_column: str = "image",
@@ -270,17 +236,20 @@ def prepare_train_dataset(
 ) -> tuple[Dataset, int]:
     """A raw (image, label) dataset -> the train set of the method, and how many unreadable images were dropped.
 
-    Checks the images (``image_check``; unreadable ones raise, or are dropped with ``skip_corrupt_images``), leaves
-    them undecoded (the transform decodes them, naming a broken file), adds ``cam_teacher``'s CAMs (``Dataset.map``,
-    cached) when one is given, and sets the `CounterfactualTransform` for ``model``'s patch grid and classes.
+    Checks the images (``image_check``; unreadable ones raise, or are dropped with ``skip_corrupt_images``; each
+    machine's first process checks, the others read its cached result), leaves them undecoded (the transform decodes
+    them, naming a broken file), adds ``cam_teacher``'s CAMs when one is given (`precompute_cams`: sharded over the
+    run's processes, every one of which calls this, each on its ``device``; cached), and sets the
+    `CounterfactualTransform` for ``model``'s patch grid and classes.
     """
     columns = {"image_column": image_column, "label_column": label_column}
-    dataset, skipped = drop_unreadable_images(dataset, image_column, skip=skip_corrupt_images, check=image_check)
+    with local_main_process_first():
+        dataset, skipped = drop_unreadable_images(dataset, image_column, skip=skip_corrupt_images, check=image_check)
     dataset = undecoded(dataset, image_column)
     if cam_teacher is not None:
         dataset = precompute_cams(
-            dataset, cam_teacher, image_processor, method=cam_method, batch_size=cam_batch_size, device=device,
-            **columns,
+            dataset, cam_teacher, image_processor, method=cam_method, batch_size=cam_batch_size,
+            num_workers=cam_num_workers, dtype=cam_dtype, device=device, **columns,
         )  # fmt: skip
     transform = CounterfactualTransform(
         image_processor,
@@ -293,3 +262,16 @@ def prepare_train_dataset(
         **columns,
     )
     return dataset.with_transform(transform), skipped
+
+
+__all__ = [
+    "CounterfactualCollator",
+    "CounterfactualTransform",
+    "augment_with_cam",
+    "batch_generator",
+    "stack_rows",
+    "load_image",
+    "precompute_cams",
+    "prepare_train_dataset",
+    "preprocess_images",
+]

@@ -102,6 +102,57 @@ def unpatchify(patches: torch.Tensor, channels: int, grid: tuple[int, int], patc
     return x.reshape(b, channels, h * patch_size, w * patch_size)
 
 
+def draw_donors(
+    fill: str, batch: int, grid: tuple[int, int], generator: torch.Generator | None = None
+) -> torch.Tensor | None:
+    """The refill draws of a batch: the donor image of every patch, drawn on the CPU from ``generator``.
+
+    ``fill='single'``: [B] long, one partner per image; ``'multi'``: [B, h, w] long, a donor per patch; ``'none'``:
+    None. Drawing them apart from the pixels lets a DataLoader worker draw them (cheap) and the training device move
+    the patches (`refill_from_donors`), with the same result as `refill`.
+    """
+    if fill not in FILL_KINDS:
+        raise ValueError(f"fill kind {fill!r} is not one of {FILL_KINDS}")
+    if fill == "single":
+        return single_fill_partners(batch, generator)
+    if fill == "multi":
+        return multi_fill_sources(batch, grid[0] * grid[1], generator).view(batch, *grid)
+    return None
+
+
+def refill_from_donors(
+    pixel_values: torch.Tensor, mask: torch.Tensor, fill: str, patch_size: int, donors: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Replace the masked patches with those of the drawn donors: [B, C, H, W], [B, h, w] bool -> [B, C, H, W].
+
+    ``donors`` is what `draw_donors` returns for ``fill`` (None for no-fill, which zeroes the patches for display).
+    Runs on the device of ``pixel_values``.
+    """
+    b, c, height, width = pixel_values.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch_size}")
+    grid = (height // patch_size, width // patch_size)
+    if tuple(mask.shape) != (b, *grid):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the batch's patch grid {(b, *grid)}")
+    if fill not in FILL_KINDS:
+        raise ValueError(f"fill kind {fill!r} is not one of {FILL_KINDS}")
+    if fill != "none" and donors is None:
+        raise ValueError(f"fill_kind={fill!r} needs the batch's donors (hf_cfft.masking.draw_donors)")
+    # Patches are moved in place through [B, h, w, C, p, p] views of the images: one copy of the batch plus the
+    # masked patches, where patchify -> where -> unpatchify made four full copies (4x slower at 224 px).
+    source = pixel_values.contiguous()  # views need the default layout; a no-op for stacked batches
+    out = source.clone()
+    target = _patch_view(out, patch_size)
+    batch_index, row, col = mask.to(pixel_values.device).nonzero(as_tuple=True)
+    if fill == "none":
+        target[batch_index, row, col] = 0
+        return out
+    donors = donors.to(pixel_values.device)
+    donor_images = donors[batch_index] if fill == "single" else donors[batch_index, row, col]
+    target[batch_index, row, col] = _patch_view(source, patch_size)[donor_images, row, col]
+    return out
+
+
 def refill(
     pixel_values: torch.Tensor,
     mask: torch.Tensor,
@@ -111,33 +162,17 @@ def refill(
 ) -> torch.Tensor:
     """Replace the masked patches of each image: [B, C, H, W], [B, h, w] bool -> [B, C, H, W].
 
-    ``fill='none'`` zeroes them (for display; pair it with ``patch_keep = ~mask`` in the encoder).
+    ``fill='none'`` zeroes them (for display; pair it with ``patch_keep = ~mask`` in the encoder). The donors are
+    drawn from ``generator`` (`draw_donors`), then moved (`refill_from_donors`).
     """
-    b, c, height, width = pixel_values.shape
+    b, _, height, width = pixel_values.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch_size}")
     grid = (height // patch_size, width // patch_size)
     if tuple(mask.shape) != (b, *grid):
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match the batch's patch grid {(b, *grid)}")
-    if height % patch_size or width % patch_size:
-        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch_size}")
-    if fill not in FILL_KINDS:
-        raise ValueError(f"fill kind {fill!r} is not one of {FILL_KINDS}")
-    # Patches are moved in place through [B, h, w, C, p, p] views of the images: one copy of the batch plus the
-    # masked patches, where patchify -> where -> unpatchify made four full copies (4x slower at 224 px). The
-    # random draws are the same calls in the same order, so the result is identical.
-    source = pixel_values.contiguous()  # views need the default layout; a no-op for stacked batches
-    out = source.clone()
-    target = _patch_view(out, patch_size)
-    batch_index, row, col = mask.to(pixel_values.device).nonzero(as_tuple=True)
-    if fill == "none":
-        target[batch_index, row, col] = 0
-        return out
-    if fill == "single":
-        donor_images = single_fill_partners(b, generator).to(pixel_values.device)[batch_index]
-    else:
-        sources = multi_fill_sources(b, grid[0] * grid[1], generator).to(pixel_values.device).view(b, *grid)
-        donor_images = sources[batch_index, row, col]
-    target[batch_index, row, col] = _patch_view(source, patch_size)[donor_images, row, col]
-    return out
+    donors = draw_donors(fill, b, grid, generator)
+    return refill_from_donors(pixel_values, mask, fill, patch_size, donors)
 
 
 def _patch_view(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -153,11 +188,18 @@ def make_counterfactuals(
     fill: str,
     patch_size: int,
     generator: torch.Generator | None = None,
+    *,
+    donors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Counterfactual images and, for no-fill, the patches the encoder keeps.
 
-    Returns ``cf_pixel_values`` [B, C, H, W] and ``patch_keep`` [B, h * w] bool (None unless ``fill='none'``).
+    The refill donors are drawn from ``generator``, unless ``donors`` (from `draw_donors`, e.g. by the collator in a
+    DataLoader worker) are given. Returns ``cf_pixel_values`` [B, C, H, W] and ``patch_keep`` [B, h * w] bool (None
+    unless ``fill='none'``).
     """
-    cf = refill(pixel_values, mask, fill, patch_size, generator)
+    if donors is None and fill != "none":
+        cf = refill(pixel_values, mask, fill, patch_size, generator)
+    else:
+        cf = refill_from_donors(pixel_values, mask, fill, patch_size, donors)
     keep = (~mask).reshape(mask.shape[0], -1) if fill == "none" else None
     return cf, keep

@@ -30,6 +30,7 @@ from ._forward import call_as_forward
 from .cam import CamRecorder, compute_cam
 from .config import CfftConfig
 from .data import CounterfactualCollator, prepare_train_dataset
+from .fast_images import FastImageProcessor
 from .losses import counterfactual_loss
 from .masking import cam_patch_mask, make_counterfactuals
 from .modeling import ClipCfftForImageClassification
@@ -41,6 +42,7 @@ from .release.checkpoints import (
 )
 from .release.hub import EXCLUDED_FILES, files_to_upload
 from .release.model_card import TRAINING_ARGS_JSON, write_model_card
+from .streaming import prepare_streaming_train_dataset
 
 logger = logging.get_logger(__name__)
 
@@ -107,6 +109,7 @@ class CfftTrainer(Trainer):
                 mask_ratio=args.mask_ratio,
                 patch_size=model.config.vision_config.patch_size,
                 seed=args.seed,
+                refill_on_device=True,
             )
         super().__init__(
             model=model,
@@ -189,10 +192,12 @@ class CfftTrainer(Trainer):
         """Raw images -> the method's train set (`hf_cfft.data.prepare_train_dataset`), as configured by ``args``.
 
         Unreadable images fail with their names, or are dropped and counted in ``self.skipped_images``
-        (``args.skip_corrupt_images``). The teacher's CAMs are computed when the config needs them, main process
-        first, so the others read its cache. A dataset that already yields ``pixel_values`` (a format or transform
+        (``args.skip_corrupt_images``). The teacher's CAMs are computed when the config needs them, each process
+        computing its shard on its device. A dataset that already yields ``pixel_values`` (a format or transform
         set, or not a `datasets.Dataset`) is returned unchanged.
         """
+        if isinstance(dataset, datasets.IterableDataset):
+            return self._prepare_streaming_dataset(dataset)
         if not isinstance(dataset, datasets.Dataset):
             return dataset
         if dataset.format["type"] is not None or "pixel_values" in dataset.column_names:
@@ -204,25 +209,50 @@ class CfftTrainer(Trainer):
                 "already yields pixel_values"
             )
         args = self.args
-        with args.main_process_first(desc="teacher CAMs", local=True):
-            dataset, self.skipped_images = prepare_train_dataset(
-                dataset,
-                self.processing_class,
-                model=self.accelerator.unwrap_model(self.model),
-                cam_teacher=self.accelerator.unwrap_model(self.teacher) if args.needs_teacher_cams else None,
-                mask_kind=args.mask_kind if args.uses_counterfactuals else "none",
-                mask_threshold=args.mask_threshold,
-                mask_top_fraction=args.mask_top_fraction,
-                augment=args.augment,
-                cam_method=args.cam_method,
-                cam_batch_size=args.cam_batch_size,
-                image_check=args.image_check,
-                skip_corrupt_images=args.skip_corrupt_images,
-                image_column=self.image_column,
-                label_column=self.label_column,
-                device=args.device,
-            )
+        # Every process calls it: the teacher-CAM pass is sharded over them (hf_cfft.distributed_cams).
+        processor = FastImageProcessor(self.processing_class) if args.fast_image_processing else self.processing_class
+        dataset, self.skipped_images = prepare_train_dataset(
+            dataset,
+            processor,
+            model=self.accelerator.unwrap_model(self.model),
+            cam_teacher=self.accelerator.unwrap_model(self.teacher) if args.needs_teacher_cams else None,
+            mask_kind=args.mask_kind if args.uses_counterfactuals else "none",
+            mask_threshold=args.mask_threshold,
+            mask_top_fraction=args.mask_top_fraction,
+            augment=args.augment,
+            cam_method=args.cam_method,
+            cam_batch_size=args.cam_batch_size,
+            cam_num_workers=args.dataloader_num_workers,
+            cam_dtype=getattr(torch, args.cam_dtype),
+            image_check=args.image_check,
+            skip_corrupt_images=args.skip_corrupt_images,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            device=args.device,
+        )
         return dataset
+
+    def _prepare_streaming_dataset(self, dataset: datasets.IterableDataset) -> datasets.IterableDataset:
+        """A streamed raw train set -> preprocessed examples (`hf_cfft.streaming`); teacher CAMs cannot be cached."""
+        args = self.args
+        if args.needs_teacher_cams:
+            raise ValueError(
+                "cam_source='teacher' pre-computes the teacher's CAMs over the whole train set, which a streamed "
+                "(IterableDataset) train set cannot give; use cam_source='teacher_online' (the teacher's CAM per "
+                "batch, on the device) or cam_source='student', or load the dataset without streaming=True"
+            )
+        if self.processing_class is None:
+            raise ValueError("CfftTrainer needs processing_class=<the checkpoint's image processor> for a raw stream")
+        processor = FastImageProcessor(self.processing_class) if args.fast_image_processing else self.processing_class
+        return prepare_streaming_train_dataset(
+            dataset,
+            processor,
+            model=self.accelerator.unwrap_model(self.model),
+            augment=args.augment,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            batch_size=args.per_device_train_batch_size,
+        )
 
     # ---- optimisation switches for the paper's exact setting ----
 
@@ -269,14 +299,20 @@ class CfftTrainer(Trainer):
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The batch's counterfactual images ``(cf_pixel_values [B, C, H, W], cf_patch_keep [B, h * w] or None)``.
 
-        They come from the collator (masks cut from cached teacher CAMs, or random masks), or, given the student's
-        ``cam`` [B, h, w], are cut and refilled here, seeded by (seed, step, process, micro-step) so that a resumed
-        run draws the same refills. Returns None, counted in ``train/skipped_counterfactual_batches``, only for a
-        batch of one image that has no partner to refill from; any other batch without counterfactuals raises.
+        They are refilled here, on the training device, from the collator's masks (cut from cached teacher CAMs, or
+        random) and refill donors (or taken as they are when a collator built them: ``cf_pixel_values``). Given the
+        student's ``cam`` [B, h, w], they are cut and refilled here, seeded by (seed, step, process, micro-step) so
+        that a resumed run draws the same refills. Returns None, counted in ``train/skipped_counterfactual_batches``,
+        only for a batch of one image that has no partner to refill from; any other batch without counterfactuals
+        raises.
         """
         args, pixel_values = self.args, inputs["pixel_values"]
         if cam is None and "cf_pixel_values" in inputs:
             return inputs["cf_pixel_values"], inputs.get("cf_patch_keep")
+        if cam is None and "cf_mask" in inputs:  # the collator's masks and donors: the patches move on this device
+            patch_size = self.accelerator.unwrap_model(self.model).config.vision_config.patch_size
+            mask, donors = inputs["cf_mask"], inputs.get("cf_donors")
+            return make_counterfactuals(pixel_values, mask, args.fill_kind, patch_size, donors=donors)
         if args.fill_kind != "none" and pixel_values.shape[0] < 2:
             self._skipped_counterfactual_batches += 1
             if self._skipped_counterfactual_batches == 1:
@@ -337,7 +373,11 @@ class CfftTrainer(Trainer):
         if view == "clean":
             return inputs["pixel_values"], None
         if view == "counterfactual" and not self.student_cams:
-            return self.counterfactual_batch(inputs)
+            cam = None
+            if self.args.needs_online_teacher_cams:  # the frozen teacher's CAM of this batch, on the device
+                teacher = self.accelerator.unwrap_model(self.teacher)
+                cam = compute_cam(teacher, inputs["pixel_values"], inputs["labels"], self.args.cam_method)
+            return self.counterfactual_batch(inputs, cam=cam)
         return None
 
     def _student_pass(self, model, inputs: dict[str, torch.Tensor], view: str, distilled):

@@ -6,6 +6,8 @@ splits (datasets, or `EvalSet`s with a protocol: the ImageNet shifts) -> `evalua
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -13,10 +15,11 @@ import evaluate
 import numpy as np
 import torch
 from datasets import Dataset
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..data import preprocess_images
+from .._distributed import gather_rows, shard_bounds, world
+from ..images import preprocess_images
 from .protocols import EvalSet, dataset_eval_sets
 
 ACCURACY_METRIC = os.path.join(os.path.dirname(__file__), "metrics", "accuracy.py")
@@ -40,14 +43,23 @@ def predict_logits(
     num_workers: int = 0,
     device: torch.device | str | None = None,
     image_transform: Callable | None = None,
-    description: str | None = None,
+    distributed: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    show_progress: bool = False,
+    desc: str = "predict",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits [N, K] and labels [N] of ``model`` on ``dataset`` (images preprocessed by ``image_processor``).
 
     ``image_transform``: applied to each PIL image before ``image_processor`` (e.g. ObjectNet's border crop).
-    ``description``: the progress bar's label (tqdm; silenced like transformers' bars, e.g. ``TQDM_DISABLE=1``).
+    ``distributed``: every process of the initialised ``torch.distributed`` group calls this; each scores its
+    contiguous share of the rows and every process gets all N rows back, in order. ``autocast_dtype``: run the
+    forward under autocast (e.g. ``torch.bfloat16``, the training precision); logits are returned as float32.
+    ``show_progress``: a progress bar on the first process.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    rank, size = world() if distributed else (0, 1)
+    start, stop = shard_bounds(len(dataset), size, rank)
+    share = dataset.select(range(start, stop)) if hasattr(dataset, "select") else Subset(dataset, range(start, stop))
 
     def collate(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         images = [row[image_column] for row in rows]
@@ -56,19 +68,34 @@ def predict_logits(
         pixels = preprocess_images(image_processor, images)
         return pixels, torch.tensor([int(row[label_column]) for row in rows])
 
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    loader = DataLoader(share, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    )
+    progress = tqdm(total=len(dataset), desc=desc, unit="img", disable=not show_progress or rank != 0)
     was_training = model.training
     model.eval()
-    logits, labels = [], []
-    total = len(dataset) if hasattr(dataset, "__len__") else None
-    bar = tqdm(total=total, desc=description or "evaluating", unit="image", leave=False)
-    for pixels, batch_labels in loader:
-        bar.update(len(batch_labels))
-        logits.append(model(pixel_values=pixels.to(device)).logits.float().cpu())
-        labels.append(batch_labels)
-    bar.close()
+    width = getattr(getattr(model, "config", None), "num_labels", 0)
+    logits, labels = [torch.zeros(0, width)], [torch.zeros(0, dtype=torch.long)]
+    # A sharded model (FSDP) gathers its weights in every forward, a collective: every process runs as many forwards
+    # as the largest share needs, the short ones on a throw-away copy of a row.
+    forwards = math.ceil(shard_bounds(len(dataset), size, 0)[1] / batch_size) if size > 1 else 0
+    with autocast:
+        for pixels, batch_labels in loader:
+            logits.append(model(pixel_values=pixels.to(device)).logits.float().cpu())
+            labels.append(batch_labels)
+            progress.update(len(batch_labels) * size)  # the other shares advance at about this pace
+            forwards -= 1
+        if forwards > 0 and len(dataset):
+            spare = collate([dataset[len(dataset) - 1]])[0].to(device)
+            for _ in range(forwards):
+                model(pixel_values=spare)
+    progress.close()
     model.train(was_training)
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    if size > 1:
+        logits, labels = gather_rows(logits, device), gather_rows(labels, device)
+    return logits.numpy(), labels.numpy()
 
 
 def top1_accuracy(
@@ -97,7 +124,8 @@ def evaluate_splits(
 
     ``splits``: named datasets, scored by the model's own argmax, or `EvalSet`s, each with its protocol (e.g.
     `imagenet_eval_sets`); ``restrict`` is passed to the protocols. ``predict_kwargs``: batch_size, device,
-    num_workers.
+    num_workers, distributed (every process calls this and gets the same results; each scores its share of every
+    split), autocast_dtype, show_progress (see `predict_logits`).
     """
     if isinstance(splits, Mapping):
         splits = dataset_eval_sets(splits, image_column=image_column, label_column=label_column)
@@ -112,7 +140,7 @@ def evaluate_splits(
             eval_set.dataset,
             image_processor,
             image_transform=eval_set.image_transform,
-            description=f"evaluating {eval_set.name}",
+            desc=f"evaluate {eval_set.name}",
             **predict_kwargs,
         )
         results[eval_set.name] = top1_accuracy(eval_set.protocol.predict(logits, restrict=restrict), labels, metric)

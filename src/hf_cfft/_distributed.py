@@ -1,0 +1,79 @@
+"""This process's share of a dataset, and the shares gathered back in order: the pieces of sharded passes.
+
+Infrastructure for the teacher-CAM pass (`hf_cfft.distributed_cams`) and distributed evaluation
+(`hf_cfft.evaluation.prediction`). Works on the ``torch.distributed`` group that accelerate (or torchrun) set up;
+without one, this process is the whole world and every function is the single-process identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(this process's rank, number of processes) of the initialised default group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_bounds(length: int, num_shards: int, index: int) -> tuple[int, int]:
+    """Rows [start, stop) of contiguous shard ``index`` of ``num_shards``; shard sizes differ by at most one row."""
+    base, extra = divmod(length, num_shards)
+    start = index * base + min(index, extra)
+    return start, start + base + (index < extra)
+
+
+def collective_device(device: torch.device | str | None = None) -> torch.device:
+    """The device the group's backend communicates through: the CUDA device for NCCL, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return (
+            torch.device(device)
+            if device is not None and torch.device(device).type == "cuda"
+            else torch.device("cuda", torch.cuda.current_device())
+        )
+    return torch.device("cpu")
+
+
+def gather_rows(rows: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Every process's ``rows`` [n_rank, ...] concatenated in rank order, on every process, on the CPU.
+
+    The shares may differ in length (padded for the collective, trimmed after), so no row is duplicated or dropped.
+    """
+    rank, size = world()
+    if size == 1:
+        return rows.cpu()
+    via = collective_device(device)
+    lengths = [torch.zeros(1, dtype=torch.long, device=via) for _ in range(size)]
+    dist.all_gather(lengths, torch.tensor([rows.shape[0]], dtype=torch.long, device=via))
+    lengths = [int(n.item()) for n in lengths]
+    padded = torch.zeros((max(lengths), *rows.shape[1:]), dtype=rows.dtype, device=via)
+    padded[: rows.shape[0]] = rows.to(via)
+    pieces = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(pieces, padded)
+    return torch.cat([piece[:n].cpu() for piece, n in zip(pieces, lengths)])
+
+
+@contextlib.contextmanager
+def local_main_process_first() -> Iterator[None]:
+    """Run the block on each machine's first process, then on the others (which then read what it cached)."""
+    rank, size = world()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if size > 1 and local_rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if size > 1 and local_rank == 0:
+            dist.barrier()
+
+
+def barrier() -> None:
+    """Wait for every process (a no-op with one)."""
+    if world()[1] > 1:
+        dist.barrier()
