@@ -100,6 +100,7 @@ def run_cell(recipe, cell: dict, output_dir: Path, extra: list[str] = ()) -> lis
     shutil.rmtree(out, ignore_errors=True)
     argv = ["--config", str(CONFIG), *METHODS[cell["method"]], "--seed", str(cell["seed"]), "--output_dir", str(out)]
     argv += ["--num_train_epochs", str(cell["epochs"]), "--report_to", "none", "--save_strategy", "no"]
+    argv += ["--compare_with_vanilla", "false"]  # the vanilla row is a cell of its own here
     if cell["beta"] > 0:
         argv += ["--distill_weight", str(cell["beta"])]
     zero_shot = cell["method"] == "vanilla FT"
