@@ -305,7 +305,7 @@ def plot(means: dict, path: Path, title: str) -> None:
             )
             continue
         ax.errorbar(
-            xs, ys, xerr=xe, yerr=ye, fmt=line if len(points) > 1 else "none", color=colour, marker=marker,
+            xs, ys, xerr=xe, yerr=ye, linestyle=line if len(points) > 1 else "none", color=colour, marker=marker,
             markersize=9 if marker == "*" else 6, capsize=2, label=label,
             markerfacecolor="none" if epochs != 1 else colour,
         )  # fmt: skip
