@@ -167,7 +167,7 @@ def run_compare(
     main_process = _rank() == 0
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    model_args, data_args, base = parse([*finetune_argv, "--output_dir", str(output_dir / "runs")])
+    model_args, data_args, base, _ = parse([*finetune_argv, "--output_dir", str(output_dir / "runs")])
     methods = with_dependencies(args.methods, registry)
     greedy = any(registry[m].kind == "greedy_soup" for m in methods)
     id_split = check_compare_data(data_args, args.held_out_split, greedy=greedy)
@@ -255,7 +255,8 @@ def _needed_again(cell: Cell, done: set, dependents: Mapping, run_dir) -> bool:
 
 def _run_training(cell: Cell, finetune_argv: Sequence[str], run_dir, train, main_process: bool) -> dict:
     out = run_dir(cell.key, cell.strength, cell.seed)
-    argv = ["--report_to", "none", "--save_strategy", "no", *finetune_argv, *cell.spec.flags]
+    argv = ["--report_to", "none", "--save_strategy", "no", "--compare_with_vanilla", "false", *finetune_argv]
+    argv += [*cell.spec.flags]
     if cell.spec.strength == "beta":
         argv += ["--distill_weight", f"{cell.strength:g}"]
     if cell.spec.epochs is not None:
