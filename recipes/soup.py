@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     image_processor = AutoImageProcessor.from_pretrained(args.models[0])
     os.makedirs(args.output_dir, exist_ok=True)
     if args.greedy:
-        held_out = load_eval_splits(replace(data_args, eval_splits=[args.held_out_split]), args.seed)
+        held_out = load_eval_splits(replace(data_args, eval_splits=[args.held_out_split], ood_splits=[]), args.seed)
         check_dataset_classes(held_out, class_names(ingredients[0]), data_args.label_column, args.models[0])
         kwargs = evaluate_kwargs(data_args, args.per_device_eval_batch_size, device) | {"ood_splits": ()}
 

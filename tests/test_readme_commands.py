@@ -51,14 +51,27 @@ VISUALIZE = (
 )
 PUSH = "python -m hf_cfft.release.push --model_dir out --repo_id you/clip-cfft"
 THROUGHPUT = "python benchmarks/training_throughput.py --size tiny"
+GREEDY = (
+    "python recipes/soup.py --models ft1 ft2 ft3 --greedy --held_out_split validation --dataset_name DIR "
+    "--output_dir greedy_soup"
+)
+FLYP = "accelerate launch recipes/finetune.py --config recipes/configs/baselines/flyp.yaml"
+COMPARE = (
+    "accelerate launch recipes/compare.py --model_name_or_path openai/clip-vit-base-patch32 --dataset_name DIR "
+    "--eval_splits test ood --ood_splits ood --methods ft ft_fd cfft wise_ft --betas 1 3 --alphas 0.5 --seeds 0 1 "
+    "--output_dir compare"
+)
 
 
 def test_the_readme_holds_every_command_listed_here():
-    for command in (MAIN_JOB, YOUR_DATA, IMAGENET, ZERO_SHOT, BASELINE, WISE_FT, SOUP, OOD, VISUALIZE, PUSH):
+    for command in (MAIN_JOB, YOUR_DATA, IMAGENET, ZERO_SHOT, BASELINE, WISE_FT, SOUP, OOD, VISUALIZE, PUSH, GREEDY):
         assert command in README, f"the README no longer holds {command!r}: update this test with it"
     assert THROUGHPUT in README
-    listed = re.findall(r"^\| [^|]+ \| `([^`]+)`", README, re.M)
-    known = {ZERO_SHOT, BASELINE, WISE_FT, SOUP, OOD, VISUALIZE, THROUGHPUT}
+    # Commands of the recipes table (its second column); other tables list checkpoint names, not commands.
+    listed = [
+        c for c in re.findall(r"^\| [^|]+ \| `([^`]+)`", README, re.M) if c.startswith(("python ", "accelerate "))
+    ]
+    known = {ZERO_SHOT, BASELINE, WISE_FT, SOUP, OOD, VISUALIZE, THROUGHPUT, GREEDY, FLYP, COMPARE}
     assert all(c in known or c.startswith(PUSH) for c in listed), f"a README command is not run here: {listed}"
 
 
@@ -91,7 +104,10 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="runs the recipes as subprocesses")
 def test_every_readme_command_runs_and_says_what_it_produced(tmp_path):
-    clip, images = save_tiny_clip(tmp_path / "clip"), write_imagefolder(tmp_path / "images", ("train", "validation"))
+    clip, images = (
+        save_tiny_clip(tmp_path / "clip"),
+        write_imagefolder(tmp_path / "images", ("train", "validation", "test", "ood")),
+    )
     work = tmp_path / "work"
     work.mkdir()
 
@@ -126,6 +142,14 @@ def test_every_readme_command_runs_and_says_what_it_produced(tmp_path):
         _last_line(_run(SOUP, work, clip, images))
         == "Saved the uniform soup of 3 models (weights, image processor, card) to soup"
     )
+    done = _run(GREEDY, work, clip, images)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (work / "greedy_soup" / "greedy_soup.json").is_file() and "Saved the greedy soup" in done.stdout
+    done = _run(FLYP, work, clip, images, WORLD_SMALL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run(COMPARE, work, clip, images, ["--max_steps", "2", "--per_device_train_batch_size", "4"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (work / "compare" / "frontier.png").is_file() and (work / "compare" / "summary.md").is_file()
     assert _last_line(_run(VISUALIZE, work, clip, images)).startswith("Wrote grid.png (")
     assert (work / "grid.png").is_file()
 
