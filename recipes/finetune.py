@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     check_run_folder(args, resume)  # before hours of data loading and CAMs; the trainer checks again
 
-    train, splits = load_train_and_eval_splits(data_args, seed=args.seed)
+    # One process per machine loads (and caches) the dataset first; the others then read its cache instead of
+    # writing the same cache files at the same time.
+    with args.main_process_first(local=True, desc="loading the dataset"):
+        train, splits = load_train_and_eval_splits(data_args, seed=args.seed)
     class_names = class_names_for(model_args.class_names, train, data_args.label_column)
 
     image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
