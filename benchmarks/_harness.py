@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -162,6 +163,7 @@ class Measurement:
 
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)
 
     @property
     def wall_median(self) -> float:
@@ -170,6 +172,15 @@ class Measurement:
     @property
     def cpu_median(self) -> float:
         return statistics.median(self.cpu)
+
+    @property
+    def faults_median(self) -> float:
+        return statistics.median(self.faults) if self.faults else float("nan")
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (memory the OS hands back in: CPU time no FLOP count shows)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:

@@ -43,6 +43,7 @@ from _harness import (  # noqa: E402
     machine_description,
     make_dataset,
     markdown_table,
+    minor_faults,
     peak_memory_bytes,
     random_cams,
     timed,
@@ -139,10 +140,12 @@ def _run(args: argparse.Namespace, device: torch.device) -> str:
         for case in cases:
             bar.set_postfix_str(case.name)
             bar.update()
+            faults = minor_faults()
             wall, cpu = timed(case.step, device)
             if round_index >= args.warmup:
                 times[case.name].wall.append(wall)
                 times[case.name].cpu.append(cpu)
+                times[case.name].faults.append(minor_faults() - faults)
     bar.close()
     load_after = machine_description(device)
 
@@ -164,6 +167,7 @@ def _ratio(value: float, reference: float | None) -> str:
 def _report(args, size, device, cases, times, memory, flops, load_before, load_after) -> str:
     ref = times.get("ft")
     header = ["configuration", "images/s", "steps/s", "step ms", "x vanilla (wall)", "step CPU s", "x vanilla (CPU)"]
+    header.append("minor faults/step")
     if memory:
         header.append("peak MiB" + (" (above live / absolute)" if device.type == "cuda" else " (above live)"))
     if flops:
@@ -181,6 +185,7 @@ def _report(args, size, device, cases, times, memory, flops, load_before, load_a
             _ratio(m.wall_median, ref.wall_median),
             f"{m.cpu_median:.3f}",
             _ratio(m.cpu_median, ref.cpu_median),
+            f"{m.faults_median:,.0f}",
         ]
         if memory:
             above, absolute = memory[case.name]

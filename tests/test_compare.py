@@ -209,3 +209,34 @@ def test_compare_without_keep_models_deletes_runs_once_nothing_needs_them(worksp
     assert sorted(row_key(r) for r in read_rows(out)) == [
         "WiSE-FT|0.5|2 steps|0", "WiSE-FT|1|2 steps|0", "vanilla FT|0|2 steps|0",
     ]  # fmt: skip
+
+
+def test_shards_split_the_training_runs_and_leave_cross_shard_soups_to_a_last_run(workspace, tmp_path, capsys):
+    clip, images = workspace
+    out = tmp_path / "cmp"
+    argv = ["--methods", "zero_shot", "wise_ft", "uniform_soup", "--alphas", "0.5", "--seeds", "0", "1"]
+    argv += ["--output_dir", str(out), *_finetune_flags(clip, images)]
+    keys = {}
+    for shard in ("0/2", "1/2"):
+        capsys.readouterr()
+        _recipe().main([*argv, "--shard", shard])
+        index = shard.split("/")[0]
+        keys[shard] = sorted(row_key(json.loads(line)) for line in (out / f"rows-{index}of2.jsonl").open())
+        assert "leaves 1 cells whose models come from several shards" in capsys.readouterr().out
+    # Every n-th training run: vanilla FT seed 0 on shard 0, seed 1 on shard 1, each with its own WiSE-FT point.
+    assert keys["0/2"] == ["WiSE-FT|0.5|2 steps|0", "vanilla FT|0|2 steps|0", "zero-shot|0|2 steps|0",
+                           "zero-shot|0|2 steps|1"]  # fmt: skip
+    assert keys["1/2"] == ["WiSE-FT|0.5|2 steps|1", "vanilla FT|0|2 steps|1"]
+    assert not (out / "rows.jsonl").exists()
+    capsys.readouterr()
+    _recipe().main(argv)  # the soup of both shards' runs, and nothing trained again
+    assert "7 cells, 1 to run" in capsys.readouterr().out
+    rows = read_rows(out)
+    assert len(rows) == 7 and len({row_key(r) for r in rows}) == 7
+    assert [row_key(json.loads(line)) for line in (out / "rows.jsonl").open()] == ["uniform soup|0|2 steps|all"]
+
+
+@pytest.mark.parametrize("value", ["2/2", "1", "a/b", "0/0"])
+def test_a_malformed_shard_is_refused(value):
+    with pytest.raises(ValueError, match=r"--shard .* is not i/n"):
+        parse_compare_args(["--shard", value])

@@ -26,9 +26,11 @@ from .compare_grid import (
     CompareArguments,
     MethodSpec,
     parse_compare_args,
+    parse_shard,
     plan_cells,
     run_dirname,
     run_length,
+    shard_cells,
     with_dependencies,
 )
 
@@ -163,7 +165,8 @@ def run_compare(
     training run gets (the method's own, the strength, seed and output folder are added after them).
     """
     output_dir = Path(args.output_dir)
-    rows_path = output_dir / "rows.jsonl"
+    shard = parse_shard(args.shard)
+    rows_path = output_dir / ("rows.jsonl" if shard[1] == 1 else f"rows-{shard[0]}of{shard[1]}.jsonl")
     main_process = _rank() == 0
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -193,6 +196,14 @@ def run_compare(
                        torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")),
                        args.held_out_split)  # fmt: skip
         todo = [c for c in cells if c.id not in done or _needed_again(c, done, dependents, run_dir)]
+        if shard[1] > 1:
+            mine = shard_cells(cells, shard)
+            owned = set().union(*(shard_cells(cells, (i, shard[1])) for i in range(shard[1])))
+            left = [c.id for c in todo if c.id not in owned]
+            todo = [c for c in todo if c.id in mine]
+            if main_process and left:
+                print(f"compare: shard {args.shard} leaves {len(left)} cells whose models come from several shards to "
+                      "a run without --shard once every shard has finished", flush=True)  # fmt: skip
         if main_process:
             print(f"compare: {len(cells)} cells, {len(todo)} to run; rows in {rows_path}", flush=True)
         for cell in todo:

@@ -104,7 +104,41 @@ class CompareArguments:
         default=True, metadata={"help": "Keep every trained model; false deletes each once nothing still needs it."}
     )
     summarize_only: bool = field(default=False, metadata={"help": "Only write the report from the rows so far."})
+    shard: str = field(
+        default="0/1",
+        metadata={
+            "help": "i/n: this process trains every n-th training cell of the grid, starting at the i-th, and writes "
+            "rows-i of n.jsonl (run n processes with i = 0..n-1; then one unsharded run for the cells left)."
+        },
+    )
     device: str | None = field(default=None, metadata={"help": "Device of the post-hoc evaluations (default: cuda)."})
+
+
+def parse_shard(value: str) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n), with 0 <= i < n."""
+    try:
+        index, count = (int(x) for x in str(value).split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard {value!r} is not i/n with 0 <= i < n (e.g. --shard 0/2 and --shard 1/2)")
+    return index, count
+
+
+def shard_cells(cells: Sequence[Cell], shard: tuple[int, int]) -> set[str]:
+    """The ids of the cells shard ``(i, n)`` runs: every n-th training cell of the whole plan from the i-th (so
+    a restarted shard gets the same cells whatever has finished), and each post-hoc cell whose training cells are
+    all its own (zero-shot on shard 0). A post-hoc cell whose sources span shards is left to an unsharded run."""
+    index, count = shard
+    train = [c for c in cells if c.spec.kind == "train"]
+    mine = {c.id for c in train[index::count]}
+    for cell in cells:
+        if cell.spec.kind == "train":
+            continue
+        needed = [c.id for c in train if c.key == cell.spec.source and cell.seed in ("all", c.seed)]
+        if (needed and all(n in mine for n in needed)) or (not needed and index == 0):
+            mine.add(cell.id)
+    return mine
 
 
 def _method_from_yaml(entry: Mapping) -> tuple[str, MethodSpec]:
@@ -162,6 +196,7 @@ def parse_compare_args(argv: Sequence[str]) -> tuple[CompareArguments, dict[str,
             raise ValueError(f"unknown key(s) {unknown} in {path}; it takes {own}, methods and finetune_args")
         parser.set_defaults(**config)
     args, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    parse_shard(args.shard)
     unknown = [m for m in args.methods if m not in registry]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(registry)}")
