@@ -132,23 +132,55 @@ def test_dependencies_come_first():
     ]  # fmt: skip
 
 
-def test_world_frontier_config_reproduces_the_harness_grid():
-    spec = importlib.util.spec_from_file_location("world_frontier", ROOT / "benchmarks" / "world_frontier.py")
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
-    args, registry, finetune_argv = parse_compare_args(
-        ["--config", str(ROOT / "recipes" / "configs" / "compare" / "world_frontier.yaml")]
-    )
+WORLD_FRONTIER = ROOT / "docs" / "world_frontier"
+WORLD_CONFIG = ROOT / "recipes" / "configs" / "compare" / "world_frontier.yaml"
+
+
+def test_the_shipped_world_frontier_rows_are_the_world_configs_grid():
+    # docs/world_frontier holds one row per cell the config plans, and nothing else: the docs' frontier is this grid.
+    args, registry, finetune_argv = parse_compare_args(["--config", str(WORLD_CONFIG)])
     assert finetune_argv[:2] == ["--config", "recipes/configs/world.yaml"]
+    assert args.reference_method == "oracle" and registry["oracle"].name.startswith("oracle FT")
     cells = plan_cells(args.methods, registry, betas=args.betas, alphas=args.alphas, seeds=args.seeds, epochs=1)
-    ours = {c.id for c in cells}
-    theirs = {harness.key(c) for c in harness.cells(args.seeds)}
-    theirs |= {f"zero-shot|0|1|{s}" for s in args.seeds}
-    theirs |= {f"WiSE-FT|{a:g}|1|{s}" for a in harness.WISE_ALPHAS for s in args.seeds}
-    assert ours == theirs
-    for cell in cells:  # the same recipe flags as the harness's cells
-        if cell.spec.kind == "train":
-            assert tuple(harness.METHODS[cell.spec.name]) == cell.spec.flags[: len(harness.METHODS[cell.spec.name])]
+    assert len(cells) == 150
+    keys = [row_key(r) for r in read_rows(WORLD_FRONTIER)]
+    assert sorted(keys) == sorted(c.id for c in cells)
+    for cell in cells:  # the oracle differs from vanilla FT only in the train split's context correlation
+        if cell.key == "oracle":
+            assert cell.spec.flags[-2:] == ("--world_train_correlation", "0.1")
+
+
+def test_the_shipped_world_frontier_report_is_what_compare_writes_from_its_rows(tmp_path):
+    import shutil
+
+    out = tmp_path / "world_frontier"
+    shutil.copytree(WORLD_FRONTIER, out)
+    paths = _recipe().main(["--config", str(WORLD_CONFIG), "--output_dir", str(out), "--summarize_only"])
+    shipped = (WORLD_FRONTIER / "compare.md").read_text()
+    written = Path(paths["report"]).read_text()
+    # The first line names the date it was written; everything below it is computed from the rows.
+    assert written.split("\n", 1)[1] == shipped.split("\n", 1)[1]
+    assert "150 of 150 planned cells have rows" in written
+    assert "## Share of the OOD gain of oracle FT" in written
+
+
+def test_reference_share_is_each_points_ood_gain_over_zero_shot_divided_by_the_references():
+    from hf_cfft.evaluation.frontier import reference_share_table
+
+    curves = {
+        ("zero-shot", 1): [Point(0, 90, 0, 81, 0, 2)],
+        ("oracle", 1): [Point(0, 95, 0, 85, 0, 2)],
+        ("CFFT", 1): [Point(1, 96, 0, 82, 0, 2), Point(3, 94, 0, 85, 0, 2)],
+    }
+    text = reference_share_table(curves, "oracle")
+    assert "The reference's OOD gain over zero-shot is +4.0 points." in text
+    assert "| CFFT | 1 | +1.0 | +0.25 |" in text and "| CFFT | 3 | +4.0 | +1.00 |" in text
+    # A gain under a point is noise: no shares.
+    curves[("oracle", 1)] = [Point(0, 95, 0, 81.5, 0, 2)]
+    text = reference_share_table(curves, "oracle")
+    assert "none is computed" in text and "| CFFT | 3 | +4.0 | n/a |" in text
+    with pytest.raises(ValueError, match="--reference_method 'ft' is not among --methods"):
+        parse_compare_args(["--methods", "cfft", "--reference_method", "ft"])
 
 
 def test_summary_names_the_best_method_in_each_id_range():

@@ -84,3 +84,35 @@ def test_siglip_config_holds_the_papers_method_settings_and_siglips_prompt():
     assert args.decay_all_parameters and args.one_cycle_schedule and args.warmup_steps == 0.02
     assert args.per_device_train_batch_size * 8 * args.gradient_accumulation_steps == 512
     assert args.augment == "none" and data_args.train_split == "train"
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_flyp_on_each_family_trains_both_towers_and_lr_zero_keeps_the_zero_shot_head(images, tmp_path, family):
+    from hf_cfft import load_classifier, load_templates
+
+    checkpoint = save_tiny_family(tmp_path / family, family)
+    templates = "siglip" if FAMILY[family] == "siglip" else "simple"
+    base = [
+        "--model_name_or_path", str(checkpoint), "--dataset_name", str(images), "--eval_splits", "test",
+        "--per_device_train_batch_size", "4", "--max_steps", "2", "--use_cpu", "--save_strategy", "no",
+        "--templates", templates, "--method", "flyp", "--distill_weight", "0", "--mask_kind", "none",
+        "--fill_kind", "none",
+    ]  # fmt: skip
+    zero_shot = load_classifier(str(checkpoint), class_names=CLASSES, templates=load_templates(templates))
+
+    results = _recipe().main([*base, "--output_dir", str(tmp_path / "lr0"), "--learning_rate", "0"])
+    frozen = load_classifier(str(tmp_path / "lr0"))
+    assert frozen.config.family == FAMILY[family]
+    for key, tensor in zero_shot.state_dict().items():
+        assert torch.equal(frozen.state_dict()[key], tensor), key
+    assert results["fine-tuned"] == results["zero-shot"]
+
+    _recipe().main([*base, "--output_dir", str(tmp_path / "tuned"), "--learning_rate", "1e-3"])
+    tuned = load_classifier(str(tmp_path / "tuned"))
+    assert not torch.equal(tuned.classifier.weight, zero_shot.classifier.weight), "head rebuilt from the new text"
+    changed = [k for k, v in zero_shot.state_dict().items() if not torch.equal(tuned.state_dict()[k], v)]
+    assert any(k.startswith("vision_model.") for k in changed), "the image tower was trained"
+    if FAMILY[family] == "siglip":  # the sigmoid loss's logit_bias is trained, and the head carries it
+        assert "classifier.bias" in changed
+    pixels = torch.randn(2, 3, 32, 32)
+    assert torch.isfinite(tuned(pixel_values=pixels).logits).all()

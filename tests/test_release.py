@@ -390,3 +390,17 @@ def test_trainer_writes_the_card_beside_the_final_model_and_every_checkpoint(tin
     pushed = ModelCard(uploaded_cards[0])
     assert {r.dataset_split for r in pushed.data.eval_results} == {"test_id", "ood_a", "ood_b"}
     assert 'model="me/world_cfft"' in pushed.text and re.search(r"^# world_cfft$", pushed.text, re.M)
+
+
+def test_a_flyp_card_describes_flyp_not_the_distillation(tiny_config, tmp_path):
+    args = CfftConfig(
+        output_dir=str(tmp_path), method="flyp", distill_weight=0.0, mask_kind="none", fill_kind="none",
+        learning_rate=1e-5, use_cpu=True,
+    )  # fmt: skip
+    card = render_model_card(model_config=tiny_config, training_args=args, repo_id="me/flyp")
+    assert "trained by **FLYP**" in card.text and "Finetune like you pretrain" in card.text
+    assert "rebuilt from the fine-tuned text tower" in card.text
+    assert "MSE(f̂(x_cf), f(x_cf))" not in card.text and "beta, distillation weight" not in card.text
+    assert "| method (`method`) | flyp |" in card.text and "| learning rate (`learning_rate`) | 1e-05 |" in card.text
+    assert "flyp" in card.data.tags and "`FlypTrainer`" in card.text and "`CfftTrainer`" not in card.text
+    _assert_clean(card)

@@ -103,6 +103,13 @@ class CompareArguments:
     keep_models: bool = field(
         default=True, metadata={"help": "Keep every trained model; false deletes each once nothing still needs it."}
     )
+    reference_method: str | None = field(
+        default=None,
+        metadata={
+            "help": "A method (key) whose OOD gain over zero-shot is the yardstick, e.g. an oracle trained without "
+            "the shortcut: the report gives every other point's share of that gain."
+        },
+    )
     summarize_only: bool = field(default=False, metadata={"help": "Only write the report from the rows so far."})
     shard: str = field(
         default="0/1",
@@ -200,6 +207,10 @@ def parse_compare_args(argv: Sequence[str]) -> tuple[CompareArguments, dict[str,
     unknown = [m for m in args.methods if m not in registry]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(registry)}")
+    if args.reference_method is not None and args.reference_method not in args.methods:
+        raise ValueError(
+            f"--reference_method {args.reference_method!r} is not among --methods {args.methods}; add it there"
+        )
     head = ["--config", args.finetune_config] if args.finetune_config else []
     return args, registry, [*head, *finetune_args, *remaining]
 

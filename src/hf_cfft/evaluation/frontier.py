@@ -1,12 +1,12 @@
 """The ID/OOD trade-off of several methods: result rows -> mean curves -> tables, a plain-language summary, a plot.
 
-A *row* is one evaluated model, as ``benchmarks/world_frontier.py`` and ``recipes/compare.py`` append them to JSONL:
+A *row* is one evaluated model, as ``recipes/compare.py`` appends them to JSONL:
 
     {"method": "FT+FD", "beta": 3.0, "epochs": 1, "seed": 0, "results": {"test_id": 81.2, ..., "ood_avg": 60.4}}
 
 ``beta`` is the method's strength (the distillation weight; WiSE-FT's rows also carry ``alpha`` and store it in
 ``beta``); ``strength_name`` ("beta", "alpha" or "") says how to label it, defaulting to "alpha" for rows with an
-``alpha`` and "beta" otherwise, as the harness wrote them. A *curve* is one (method, epochs): its points are the
+``alpha`` and "beta" otherwise, as the world's first frontier harness wrote them. A *curve* is one (method, epochs): its points are the
 strengths, each the mean and standard deviation over the seeds.
 """
 
@@ -222,6 +222,48 @@ def plain_summary(
     return "\n".join(f"- {line}" for line in lines)
 
 
+# Below this OOD gain of the reference over zero-shot (points), a share of it is noise and is not computed.
+MIN_REFERENCE_GAIN = 1.0
+
+
+def reference_share_table(
+    curves: Mapping[Curve, Sequence[Point]], reference: str, *, zero_shot: str = "zero-shot", order: Sequence[str] = ()
+) -> str:
+    """Every point's OOD gain over zero-shot as a share of ``reference``'s (e.g. an oracle without the shortcut).
+
+    The reference is the first point of the curve named ``reference``; a gain under ``MIN_REFERENCE_GAIN`` points
+    gives no shares ("n/a"), and the text says so.
+    """
+    ref = next((p[0] for c, p in curves.items() if c[0] == reference), None)
+    zs = next((p[0] for c, p in curves.items() if c[0] == zero_shot), None)
+    if ref is None or zs is None:
+        missing = reference if ref is None else zero_shot
+        return f"No share of the reference's gain: {missing!r} has no finished rows yet."
+    gain = ref.ood_mean - zs.ood_mean
+    text = (
+        f"{reference}: ID {ref.id_mean:.1f}, OOD avg {ref.ood_mean:.1f}; {zero_shot}: {zs.id_mean:.1f} / "
+        f"{zs.ood_mean:.1f}. The reference's OOD gain over {zero_shot} is {gain:+.1f} points."
+    )
+    if abs(gain) < MIN_REFERENCE_GAIN:
+        text += (
+            f" A share of a gain under {MIN_REFERENCE_GAIN:g} point is noise, so none is computed: on this data "
+            "the reference does not improve OOD accuracy over zero-shot."
+        )
+    _label, _ = _labeller(curves)
+    lines = []
+    for curve in _curve_order(curves, order):
+        if curve[0] in (reference, zero_shot):
+            continue
+        for p in curves[curve]:
+            delta = p.ood_mean - zs.ood_mean
+            share = f"{delta / gain:+.2f}" if abs(gain) >= MIN_REFERENCE_GAIN else "n/a"
+            lines.append([_label(curve), f"{p.strength:g}", f"{delta:+.1f}", share])
+    table = markdown_table(
+        ["method", "strength", f"OOD avg minus {zero_shot}", "share of the reference's gain"], lines
+    )
+    return f"{text}\n\n{table}"
+
+
 # Fixed styles for the names the harness used, so its plots and compare's agree; other names draw from _CYCLE.
 STYLES = {
     "FT+FD": ("tab:blue", "o"),
@@ -298,10 +340,12 @@ def write_frontier_report(
     header: str = "",
     order: Sequence[str] = (),
     title: str = "ID vs OOD over each method's strength (mean ± std over seeds)",
+    reference: str | None = None,
 ) -> dict[str, str]:
     """Write compare.md (summary, table, per-split table, matched-ID table), summary.md, compare.json, frontier.png.
 
-    Returns {what: path}. ``order`` lists method names to show first (the run's method order).
+    Returns {what: path}. ``order`` lists method names to show first (the run's method order). ``reference``: a
+    method name whose OOD gain over zero-shot every other point is measured against (``reference_share_table``).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -315,6 +359,9 @@ def write_frontier_report(
         f"## Every split\n\n{per_split}\n\n## OOD average at matched ID accuracy (linear interpolation on each mean "
         f"curve; best in bold)\n\n{matched}\n"
     )
+    if reference:
+        share = reference_share_table(curves, reference, order=order)
+        text += f"\n## Share of the OOD gain of {reference} over zero-shot\n\n{share}\n"
     paths = {
         "report": output_dir / "compare.md",
         "summary": output_dir / "summary.md",

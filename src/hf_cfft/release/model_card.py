@@ -125,6 +125,17 @@ def method_info(training_args: Any = None, origin: Mapping[str, Any] | None = No
         )  # fmt: skip
     args = _as_dict(training_args)
     beta = float(args.get("distill_weight", 30.0) or 0.0)
+    if args.get("method") == "flyp":
+        return _info(
+            "flyp", "trained by **FLYP** (image and text towers fine-tuned with the contrastive pre-training loss)",
+            "flyp",
+            "FLYP (Goyal et al., CVPR 2023, *Finetune like you pretrain*; a baseline, no distillation): the image and "
+            "text towers were fine-tuned together with the model's own pre-training loss (CLIP's symmetric "
+            "contrastive loss, or SigLIP's sigmoid loss), each train image paired with a prompt of its class name "
+            "(one template drawn per step), the other pairs of the batch as negatives. The classifier's head was "
+            "then rebuilt from the fine-tuned text tower's class-name prompts, as a zero-shot head.",
+            start=" (both towers)",
+        )  # fmt: skip
     if args.get("linear_probe"):
         return _info(
             "linear_probe", "trained by **linear probing** (the head only; the image encoder is frozen)",
@@ -187,8 +198,12 @@ def hyperparameter_rows(training_args: Any) -> list[tuple[str, str]]:
 
     beta = args.get("distill_weight")
     mask = args.get("mask_kind")
-    distils = beta is None or beta > 0
-    add("beta, distillation weight", "distill_weight")
+    flyp = args.get("method") == "flyp"
+    distils = not flyp and (beta is None or beta > 0)
+    if flyp:
+        add("method", "method")
+    else:
+        add("beta, distillation weight", "distill_weight")
     if distils:
         add("mask", "mask_kind")
         if mask in ("object", "context"):
