@@ -132,6 +132,10 @@ def make_dataset(size: ModelSize, num_batches: int, seed: int = 0) -> Dataset:
 TRAIN_CASES: dict[str, tuple[str, dict]] = {
     "ft": ("vanilla FT", {"distill_weight": 0.0, "mask_kind": "none", "fill_kind": "none"}),
     "ft_fd": ("FT+FD (distil on clean images)", {"mask_kind": "none", "fill_kind": "none"}),
+    "ft_kd": (
+        "FT+KD (distil logits on clean images)",
+        {"mask_kind": "none", "fill_kind": "none", "distill_target": "logits", "distill_weight": 1.0},
+    ),
     "cfft_teacher_single": ("CFFT object, teacher CAM cached, single-fill", {"fill_kind": "single"}),
     "cfft_teacher_multi": ("CFFT object, teacher CAM cached, multi-fill", {"fill_kind": "multi"}),
     "cfft_teacher_none": ("CFFT object, teacher CAM cached, no-fill", {"fill_kind": "none"}),

@@ -297,3 +297,47 @@ def test_pretrain_recipe_pins_its_numerics_before_torch_loads(tmp_path):
     assert log["numerics"]["cpu_capability"] in ("AVX2", "DEFAULT")  # what torch ran: never AVX-512
     assert log["numerics"]["threads"] == "1"
     assert "differs from the shipped" in done.stdout  # 2 steps are not the shipped model, and it says so
+
+
+# A 20-step run of the recipe (below) gave this model.safetensors on every run where it was checked: AMD EPYC hosts,
+# idle and under load, with the library versions of the shipped training_log.json (docs/world.md, "Rebuilding").
+SHORT_RUN_ARGS = ["--digit_steps", "10", "--mixed_steps", "10", "--eval_size", "50", "--eval_every", "20"]
+SHORT_RUN_SHA256 = "3bebc38ec058f5643fae84f776d10f1afcada713ae6549f74c8d88b01eae8a9a"
+VERIFIED_HOSTS = ("AMD EPYC",)
+
+
+def _host_and_versions_are_verified() -> tuple[bool, str]:
+    import pathlib
+
+    import numpy
+    import transformers
+
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("model name")), "unknown") if cpuinfo.exists() else "unknown"  # fmt: skip
+    shipped = json.loads((world_clip_path() / "training_log.json").read_text())["numerics"]
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__}
+    same = all(shipped[k] == v for k, v in versions.items())
+    verified = model in VERIFIED_HOSTS and same
+    return verified, f"host {model!r}, versions {versions} (shipped with {[shipped[k] for k in versions]})"
+
+
+def test_a_short_run_of_the_recipe_gives_the_recorded_weights_bit_for_bit(tmp_path, request):
+    """The determinism the shipped CLIP rests on, checked on every machine the suite runs on (fresh CI ones too).
+
+    On a host or library versions where it was not yet checked, a mismatch is reported as an expected failure (the
+    pinned numerics do not cover that host: docs/world.md) instead of failing the suite; a match there passes."""
+    import pathlib
+    import subprocess
+
+    verified, where = _host_and_versions_are_verified()
+    if not verified:
+        request.applymarker(pytest.mark.xfail(reason=f"bitwise rebuild not yet verified on {where}", strict=False))
+    script = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "pretrain_world_clip.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--output_dir", str(tmp_path), *SHORT_RUN_ARGS],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = json.loads((tmp_path / "training_log.json").read_text())
+    assert log["model_sha256"] == SHORT_RUN_SHA256, f"on {where}"
