@@ -115,7 +115,7 @@ class CompareArguments:
         default="0/1",
         metadata={
             "help": "i/n: this process trains every n-th training cell of the grid, starting at the i-th, and writes "
-            "rows-i of n.jsonl (run n processes with i = 0..n-1; then one unsharded run for the cells left)."
+            "rows-<i>of<n>.jsonl (run n processes with i = 0..n-1; then one unsharded run for the cells left)."
         },
     )
     device: str | None = field(default=None, metadata={"help": "Device of the post-hoc evaluations (default: cuda)."})

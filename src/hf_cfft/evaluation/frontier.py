@@ -6,8 +6,8 @@ A *row* is one evaluated model, as ``recipes/compare.py`` appends them to JSONL:
 
 ``beta`` is the method's strength (the distillation weight; WiSE-FT's rows also carry ``alpha`` and store it in
 ``beta``); ``strength_name`` ("beta", "alpha" or "") says how to label it, defaulting to "alpha" for rows with an
-``alpha`` and "beta" otherwise, as the world's first frontier harness wrote them. A *curve* is one (method, epochs): its points are the
-strengths, each the mean and standard deviation over the seeds.
+``alpha`` and "beta" otherwise, as the world's first frontier harness wrote them. A *curve* is one (method,
+epochs): its points are the strengths, each the mean and standard deviation over the seeds.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def row_key(row: Mapping) -> str:
 
 
 def read_rows(output_dir: str | Path) -> list[dict]:
-    """Every row of ``rows*.jsonl`` in ``output_dir`` (compare's rows.jsonl and the harness's rows-i of n.jsonl)."""
+    """Every row of ``rows*.jsonl`` in ``output_dir`` (rows.jsonl, and a sharded run's rows-<i>of<n>.jsonl)."""
     rows = []
     for path in sorted(Path(output_dir).glob("rows*.jsonl")):
         rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
