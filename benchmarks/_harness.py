@@ -145,6 +145,11 @@ TRAIN_CASES: dict[str, tuple[str, dict]] = {
     "random_single": ("CFFT random-mask 0.5, single-fill", {"mask_kind": "random", "fill_kind": "single"}),
     "random_multi": ("CFFT random-mask 0.5, multi-fill", {"mask_kind": "random", "fill_kind": "multi"}),
     "random_none": ("CFFT random-mask 0.5, no-fill (tokens dropped)", {"mask_kind": "random", "fill_kind": "none"}),
+    # FLYP trains the text tower too: timed by FlypStep on a contrastive model (CLIP-family sizes only).
+    "flyp": (
+        "FLYP (both towers, contrastive loss)",
+        {"method": "flyp", "distill_weight": 0.0, "mask_kind": "none", "fill_kind": "none"},
+    ),
 }
 for _name, (_, _overrides) in TRAIN_CASES.items():
     if _name.startswith("cfft_"):
@@ -317,6 +322,61 @@ class TrainStep:
         trainer.lr_scheduler.step()
         trainer.optimizer.zero_grad()
         trainer.state.global_step += 1
+
+
+class FlypStep(TrainStep):
+    """A FLYP optimizer step: `FlypTrainer` on a contrastive model whose image tower is ``base_model``'s size.
+
+    The text tower is the embedded world CLIP's at ``tiny`` (and ``micro``), and OpenAI CLIP ViT-B's
+    (``CLIPTextConfig`` defaults: 12 layers, width 512) at the ViT-B sizes; prompts are the world's class prompts
+    tokenised by the world CLIP's tokenizer (ImageNet prompts are longer, so the text tower's share is a lower bound
+    there).
+    """
+
+    def __init__(self, name, base_model, size, dataset, processor, device, *, bf16=False, torch_compile=False,
+                 num_batches=2, output_dir=None):  # fmt: skip
+        from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig
+
+        import hf_cfft.world as world
+        from hf_cfft.baselines.flyp import FlypTrainer
+
+        if size.family != "clip":
+            raise SystemExit(f"the flyp case times CLIP-family models; size {size} is {size.family}")
+        self.name = name
+        self.label, overrides = TRAIN_CASES[name]
+        self.device, self.batch_size = device, size.batch_size
+        tokenizer = AutoTokenizer.from_pretrained(world.world_clip_path())
+        if size.image_size <= 32:
+            text = CLIPConfig.from_pretrained(world.world_clip_path()).text_config
+        else:
+            text = CLIPTextConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        config = CLIPConfig(
+            text_config=text.to_dict(), vision_config=base_model.config.vision_config.to_dict(),
+            projection_dim=size.projection_dim,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = CLIPModel(config)
+        model.config._attn_implementation = "sdpa"
+        names = [world.WORLD_CLASS_NAMES[i % len(world.WORLD_CLASS_NAMES)] for i in range(size.num_labels)]
+        args = CfftConfig(
+            output_dir=output_dir or tempfile.mkdtemp(prefix=f"cfft_bench_{name}_"),
+            per_device_train_batch_size=size.batch_size, use_cpu=device.type == "cpu", bf16=bf16,
+            torch_compile=torch_compile, seed=0, disable_tqdm=True, **overrides,
+        )  # fmt: skip
+        if "cam" in dataset.column_names:
+            dataset = dataset.remove_columns("cam")
+        self.trainer = trainer = FlypTrainer(
+            model=model, args=args, tokenizer=tokenizer, class_names=names, templates=list(world.WORLD_TEMPLATES),
+            train_dataset=dataset, processing_class=processor,
+        )  # fmt: skip
+        loader = iter(trainer.get_train_dataloader())
+        self.batches = [trainer._prepare_inputs(next(loader)) for _ in range(num_batches)]
+        trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
+        self.model, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
+        trainer.model_wrapped = self.model
+        trainer.current_gradient_accumulation_steps = 1
+        self._next = 0
 
 
 class CamPass:

@@ -35,6 +35,7 @@ from _harness import (  # noqa: E402
     TRAIN_CASES,
     CamPass,
     DataPipeline,
+    FlypStep,
     Measurement,
     TrainStep,
     build_image_processor,
@@ -121,11 +122,12 @@ def _run(args: argparse.Namespace, device: torch.device) -> str:
         cam_dataset = dataset.add_column("cam", random_cams(len(dataset), size))
 
     cases: list = []
+    if size.family != "clip" and args.cases == "all":
+        train_names = [n for n in train_names if n != "flyp"]  # FlypStep builds CLIP-family models only
     for name in train_names:
         data = cam_dataset if name.startswith("cfft_teacher") else dataset
-        cases.append(
-            TrainStep(name, base, size, data, processor, device, bf16=args.bf16, torch_compile=args.torch_compile)
-        )
+        step = FlypStep if name == "flyp" else TrainStep
+        cases.append(step(name, base, size, data, processor, device, bf16=args.bf16, torch_compile=args.torch_compile))
     if "cam_pass" in other_names:
         cases.append(CamPass(teacher, processor, dataset, size, device))
     if "data" in other_names:

@@ -353,7 +353,7 @@ def _load(name: str):
 def test_training_benchmark_runs_its_gpu_code_path_at_micro_size_on_cpu(tmp_path):
     """bf16 autocast, FLOP counting and MFU against --peak_tflops, memory, ratios: the GPU run's path on a CPU."""
     bench = _load("training_throughput")
-    cases = "ft,cfft_teacher_single,cfft_student_single,random_none,cam_pass,data"
+    cases = "ft,ft_kd,cfft_teacher_single,cfft_student_single,random_none,flyp,cam_pass,data"
     output = tmp_path / "report.md"
     report = bench.main(
         [
