@@ -142,7 +142,7 @@ def test_the_shipped_world_frontier_rows_are_the_world_configs_grid():
     assert finetune_argv[:2] == ["--config", "recipes/configs/world.yaml"]
     assert args.reference_method == "oracle" and registry["oracle"].name.startswith("oracle FT")
     cells = plan_cells(args.methods, registry, betas=args.betas, alphas=args.alphas, seeds=args.seeds, epochs=1)
-    assert len(cells) == 150
+    assert len(cells) == 186
     keys = [row_key(r) for r in read_rows(WORLD_FRONTIER)]
     assert sorted(keys) == sorted(c.id for c in cells)
     for cell in cells:  # the oracle differs from vanilla FT only in the train split's context correlation
@@ -160,7 +160,7 @@ def test_the_shipped_world_frontier_report_is_what_compare_writes_from_its_rows(
     written = Path(paths["report"]).read_text()
     # The first line names the date it was written; everything below it is computed from the rows.
     assert written.split("\n", 1)[1] == shipped.split("\n", 1)[1]
-    assert "150 of 150 planned cells have rows" in written
+    assert "186 of 186 planned cells have rows" in written
     assert "## Share of the OOD gain of oracle FT" in written
 
 
@@ -272,3 +272,14 @@ def test_shards_split_the_training_runs_and_leave_cross_shard_soups_to_a_last_ru
 def test_a_malformed_shard_is_refused(value):
     with pytest.raises(ValueError, match=r"--shard .* is not i/n"):
         parse_compare_args(["--shard", value])
+
+
+def test_a_cell_scored_twice_counts_once_and_is_named(tmp_path, caplog):
+    row = {"method": "FT+FD", "beta": 1.0, "epochs": 1, "seed": 0, "results": {"test": 90.0, "ood_avg": 80.0}}
+    other = {**row, "seed": 1}
+    (tmp_path / "rows-0of2.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(other) + "\n")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({**row, "results": {"test": 91.0, "ood_avg": 80.0}}) + "\n")
+    with caplog.at_level("WARNING"):
+        rows = read_rows(tmp_path)
+    assert [r["seed"] for r in rows] == [0, 1] and rows[0]["results"]["test"] == 90.0
+    assert "FT+FD|1|1|0" in caplog.text and "results differ" in caplog.text

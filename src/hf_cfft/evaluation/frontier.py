@@ -13,6 +13,7 @@ epochs): its points are the strengths, each the mean and standard deviation over
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +23,8 @@ import numpy as np
 
 from .prediction import OOD_AVG
 from .report import markdown_table
+
+logger = logging.getLogger(__name__)
 
 Curve = tuple[str, float | str]  # (method, epochs): a number of epochs, or "<n> steps" for runs set by max_steps
 
@@ -44,10 +47,32 @@ def row_key(row: Mapping) -> str:
 
 
 def read_rows(output_dir: str | Path) -> list[dict]:
-    """Every row of ``rows*.jsonl`` in ``output_dir`` (rows.jsonl, and a sharded run's rows-<i>of<n>.jsonl)."""
-    rows = []
+    """Every row of ``rows*.jsonl`` in ``output_dir`` (rows.jsonl, and a sharded run's rows-<i>of<n>.jsonl).
+
+    A cell scored twice (two processes that ran the same cell, e.g. an unsharded run started while a shard was still
+    running) is kept once, the first row read, so no seed counts twice; a warning names the cells, and says when the
+    two rows' results differ.
+    """
+    rows, seen, twice, differ = [], {}, [], []
     for path in sorted(Path(output_dir).glob("rows*.jsonl")):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            key = row_key(row)
+            if key in seen:
+                twice.append(key)
+                if seen[key].get("results") != row.get("results"):
+                    differ.append(key)
+                continue
+            seen[key] = row
+            rows.append(row)
+    if twice:
+        logger.warning(
+            "%d cell(s) have more than one row in %s; the first is used: %s%s", len(twice), output_dir,
+            ", ".join(twice[:5]) + (" ..." if len(twice) > 5 else ""),
+            f" (results differ for {', '.join(differ[:5])})" if differ else " (identical results)",
+        )  # fmt: skip
     return rows
 
 
@@ -194,9 +219,11 @@ def plain_summary(
                          f"{point.ood_mean:.1f} % OOD).")  # fmt: skip
     # Contiguous ranges of ID accuracy where one method has the best OOD average.
     ranges: list[list] = []
+    shown = None
     for target, ranked in best_at_id(others):
-        if not ranked:
-            continue
+        if not ranked or f"{target:.1f}" == shown:
+            continue  # a second target that prints as the same ID would make a second sentence "at the same ID"
+        shown = f"{target:.1f}"
         winner = ranked[0][1]
         runner = ranked[1] if len(ranked) > 1 else None
         if ranges and ranges[-1][0] == winner:
