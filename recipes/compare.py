@@ -5,13 +5,16 @@
         --dataset_name /data/my_images --eval_splits test shift_a shift_b --ood_splits shift_a shift_b \
         --methods zero_shot ft wise_ft ft_fd cfft flyp --betas 1 3 10 --seeds 0 1 2 --output_dir outputs/cmp \
         --learning_rate 1e-5 --num_train_epochs 10 --templates simple
-    # the embedded world's frontier study (benchmarks/world_frontier.py's grid)
-    python recipes/compare.py --config recipes/configs/compare/world_frontier.yaml
+    # the embedded world's frontier study (docs/world.md), in two processes, then the report
+    python recipes/compare.py --config recipes/configs/compare/world_frontier.yaml --shard 0/2 &
+    python recipes/compare.py --config recipes/configs/compare/world_frontier.yaml --shard 1/2 &
+    wait; python recipes/compare.py --config recipes/configs/compare/world_frontier.yaml
 
 Every run is recipes/finetune.py with the method's flags; any flag this script does not know goes to every run
-(--finetune_config names a finetune YAML). Rows are appended to <output_dir>/rows.jsonl as runs finish, and a run
-whose row is there is not run again. At the end: compare.md (summary, tables), summary.md, compare.json and
-frontier.png. `--summarize_only` rewrites them from the rows so far. See docs/choosing_a_method.md.
+(--finetune_config names a finetune YAML). Rows are appended to <output_dir>/rows.jsonl (rows-<i>of<n>.jsonl with
+--shard i/n) as runs finish, and a run whose row is there is not run again. At the end: compare.md (summary,
+tables), summary.md, compare.json and frontier.png. `--summarize_only` rewrites them from the rows so far. See
+docs/choosing_a_method.md.
 """
 
 from __future__ import annotations

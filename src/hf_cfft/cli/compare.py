@@ -258,7 +258,7 @@ def check_compare_data(data_args, held_out_split: str | None, *, greedy: bool) -
 
 
 def _needed_again(cell: Cell, done: set, dependents: Mapping, run_dir) -> bool:
-    """A finished training run whose model is gone but a cell still to run needs it (deleted, or from the harness)."""
+    """A finished training run whose model is gone but a cell still to run needs it (deleted, or never kept)."""
     if cell.spec.kind != "train":
         return False
     pending = [d for d in dependents.get(cell.id, []) if d not in done]

@@ -296,6 +296,6 @@ def plan_cells(
 
 
 def run_dirname(cell: Cell) -> str:
-    """The run's folder name under runs/ (the harness's: spaces, slashes and bars replaced)."""
+    """The run's folder name under runs/ (its id with spaces, slashes and bars replaced)."""
     name = cell.id.replace(" ", "_").replace("/", "-").replace("|", "_")
     return name.replace("(", "").replace(")", "").replace(",", "")

@@ -42,7 +42,7 @@ class Point:
 
 
 def row_key(row: Mapping) -> str:
-    """``method|strength|epochs|seed``: what makes a row unique (the harness's cell key)."""
+    """``method|strength|epochs|seed``: what makes a row unique (the key every row file has used)."""
     return f"{row['method']}|{float(row['beta']):g}|{row['epochs']}|{row['seed']}"
 
 
@@ -291,7 +291,7 @@ def reference_share_table(
     return f"{text}\n\n{table}"
 
 
-# Fixed styles for the names the harness used, so its plots and compare's agree; other names draw from _CYCLE.
+# Fixed styles for the world study's method names, so its plots keep their look; other names draw from _CYCLE.
 STYLES = {
     "FT+FD": ("tab:blue", "o"),
     "CFFT object/single": ("tab:red", "*"),
@@ -312,7 +312,7 @@ _CYCLE = [
 
 
 def curve_styles(curves: Iterable[Curve]) -> dict[Curve, tuple[str, str]]:
-    """A (colour, marker) per curve, no two alike: the harness's fixed ones first, then unused pairs in order."""
+    """A (colour, marker) per curve, no two alike: the fixed ones first, then unused pairs in order."""
     styles, used = {}, set()
     ordered = _curve_order(curves)
     for curve in ordered:
