@@ -283,3 +283,16 @@ def test_a_cell_scored_twice_counts_once_and_is_named(tmp_path, caplog):
         rows = read_rows(tmp_path)
     assert [r["seed"] for r in rows] == [0, 1] and rows[0]["results"]["test"] == 90.0
     assert "FT+FD|1|1|0" in caplog.text and "results differ" in caplog.text
+
+
+def test_a_shard_trains_lp_ft_where_its_probe_is_trained():
+    from hf_cfft.cli.compare_grid import shard_cells
+
+    cells = plan_cells(["ft", "lp_ft", "flyp"], METHODS, betas=[1.0], alphas=[0.5], seeds=[0, 1, 2], epochs=1.0)
+    shards = [shard_cells(cells, (i, 2)) for i in range(2)]
+    assert sorted(len(s) for s in shards) == [6, 6] and not shards[0] & shards[1]
+    for seed in (0, 1, 2):
+        probe, lp_ft = f"linear probe|0|1|{seed}", f"LP-FT|0|1|{seed}"
+        assert [probe in s for s in shards] == [lp_ft in s for s in shards]
+    # The others are dealt in turn over the plan: vanilla FT seeds 0 and 2 on shard 0, seed 1 on shard 1.
+    assert {"vanilla FT|0|1|0", "vanilla FT|0|1|2"} <= shards[0] and "vanilla FT|0|1|1" in shards[1]

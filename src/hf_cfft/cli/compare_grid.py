@@ -134,11 +134,21 @@ def parse_shard(value: str) -> tuple[int, int]:
 
 def shard_cells(cells: Sequence[Cell], shard: tuple[int, int]) -> set[str]:
     """The ids of the cells shard ``(i, n)`` runs: every n-th training cell of the whole plan from the i-th (so
-    a restarted shard gets the same cells whatever has finished), and each post-hoc cell whose training cells are
-    all its own (zero-shot on shard 0). A post-hoc cell whose sources span shards is left to an unsharded run."""
+    a restarted shard gets the same cells whatever has finished; a run that starts from another's model, LP-FT, goes
+    with that model's), and each post-hoc cell whose training cells are all its own (zero-shot on shard 0). A
+    post-hoc cell whose sources span shards is left to an unsharded run."""
     index, count = shard
     train = [c for c in cells if c.spec.kind == "train"]
-    mine = {c.id for c in train[index::count]}
+    # A run that starts from another's model (LP-FT from its probe) goes where that model is trained.
+    owner: dict[str, int] = {}
+    dealt = 0
+    for cell in train:
+        if cell.spec.init_from:
+            start = next(c for c in train if c.key == cell.spec.init_from and c.seed == cell.seed)
+            owner[cell.id] = owner[start.id]
+        else:
+            owner[cell.id], dealt = dealt % count, dealt + 1
+    mine = {c.id for c in train if owner[c.id] == index}
     for cell in cells:
         if cell.spec.kind == "train":
             continue
