@@ -142,7 +142,7 @@ def test_the_shipped_world_frontier_rows_are_the_world_configs_grid():
     assert finetune_argv[:2] == ["--config", "recipes/configs/world.yaml"]
     assert args.reference_method == "oracle" and registry["oracle"].name.startswith("oracle FT")
     cells = plan_cells(args.methods, registry, betas=args.betas, alphas=args.alphas, seeds=args.seeds, epochs=1)
-    assert len(cells) == 186
+    assert len(cells) == 196
     keys = [row_key(r) for r in read_rows(WORLD_FRONTIER)]
     assert sorted(keys) == sorted(c.id for c in cells)
     for cell in cells:  # the oracle differs from vanilla FT only in the train split's context correlation
@@ -160,7 +160,7 @@ def test_the_shipped_world_frontier_report_is_what_compare_writes_from_its_rows(
     written = Path(paths["report"]).read_text()
     # The first line names the date it was written; everything below it is computed from the rows.
     assert written.split("\n", 1)[1] == shipped.split("\n", 1)[1]
-    assert "186 of 186 planned cells have rows" in written
+    assert "196 of 196 planned cells have rows" in written
     assert "## Share of the OOD gain of oracle FT" in written
 
 
