@@ -300,11 +300,15 @@ class TrainStep:
             num_labels=size.num_labels,
         )
         trainer.train_dataset = dataset.with_transform(transform)
+        self._prepare(num_batches)
+
+    def _prepare(self, num_batches: int) -> None:
+        """The batches (built once, kept on the device: the timed step excludes data loading and the host-to-device
+        copy), then what Trainer._inner_training_loop does: autocast (and compile) wrapping, accelerate's optimizer."""
+        trainer = self.trainer
         loader = iter(trainer.get_train_dataloader())
-        # Built once, kept on the device: the timed step excludes data loading and the host-to-device copy.
         self.batches = [trainer._prepare_inputs(next(loader)) for _ in range(num_batches)]
         trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
-        # What Trainer._inner_training_loop does: autocast (and compile) wrapping, accelerate's optimizer wrapper.
         self.model, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
         trainer.model_wrapped = self.model
         trainer.current_gradient_accumulation_steps = 1
@@ -366,17 +370,11 @@ class FlypStep(TrainStep):
         )  # fmt: skip
         if "cam" in dataset.column_names:
             dataset = dataset.remove_columns("cam")
-        self.trainer = trainer = FlypTrainer(
+        self.trainer = FlypTrainer(
             model=model, args=args, tokenizer=tokenizer, class_names=names, templates=list(world.WORLD_TEMPLATES),
             train_dataset=dataset, processing_class=processor,
         )  # fmt: skip
-        loader = iter(trainer.get_train_dataloader())
-        self.batches = [trainer._prepare_inputs(next(loader)) for _ in range(num_batches)]
-        trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
-        self.model, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
-        trainer.model_wrapped = self.model
-        trainer.current_gradient_accumulation_steps = 1
-        self._next = 0
+        self._prepare(num_batches)
 
 
 class CamPass:
