@@ -40,7 +40,10 @@ def _finetune_recipe():
 def main(argv: list[str] | None = None) -> dict[str, str]:
     args, registry, finetune_argv = parse_compare_args(sys.argv[1:] if argv is None else argv)
     finetune = _finetune_recipe()
-    paths = run_compare(args, registry, finetune_argv, train=finetune.main, parse=finetune.parse_args)
+    paths = run_compare(
+        args, registry, finetune_argv, train=finetune.main, parse=finetune.parse_args,
+        report=lambda line: print(line, flush=True),
+    )  # fmt: skip
     if paths:
         print("\n" + Path(paths["report"]).read_text())
     return paths

@@ -9,6 +9,7 @@ every process trains together; post-hoc cells and writing run on the main proces
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import platform
 import shutil
@@ -30,9 +31,11 @@ from .compare_grid import (
     plan_cells,
     run_dirname,
     run_length,
-    shard_cells,
+    shard_owners,
     with_dependencies,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "METHODS",
@@ -158,11 +161,13 @@ def run_compare(
     *,
     train: Callable[[list[str]], dict],
     parse: Callable[[list[str]], tuple],
+    report: Callable[[str], None] = logger.info,
 ) -> dict[str, str]:
     """Run every missing cell, append its row, then write the report; returns the report's paths (main process).
 
     ``train`` / ``parse``: recipes/finetune.py's ``main`` and ``parse_args``; ``finetune_argv`` the flags every
-    training run gets (the method's own, the strength, seed and output folder are added after them).
+    training run gets (the method's own, the strength, seed and output folder are added after them). ``report``
+    receives the progress lines (the plan, each finished cell); the recipe prints them.
     """
     output_dir = Path(args.output_dir)
     shard = parse_shard(args.shard)
@@ -197,15 +202,14 @@ def run_compare(
                        args.held_out_split)  # fmt: skip
         todo = [c for c in cells if c.id not in done or _needed_again(c, done, dependents, run_dir)]
         if shard[1] > 1:
-            mine = shard_cells(cells, shard)
-            owned = set().union(*(shard_cells(cells, (i, shard[1])) for i in range(shard[1])))
-            left = [c.id for c in todo if c.id not in owned]
-            todo = [c for c in todo if c.id in mine]
+            owners = shard_owners(cells, shard[1])
+            left = [c.id for c in todo if owners[c.id] is None]
+            todo = [c for c in todo if owners[c.id] == shard[0]]
             if main_process and left:
-                print(f"compare: shard {args.shard} leaves {len(left)} cells whose models come from several shards to "
-                      "a run without --shard once every shard has finished", flush=True)  # fmt: skip
+                report(f"compare: shard {args.shard} leaves {len(left)} cells whose models come from several shards "
+                       "to a run without --shard once every shard has finished")  # fmt: skip
         if main_process:
-            print(f"compare: {len(cells)} cells, {len(todo)} to run; rows in {rows_path}", flush=True)
+            report(f"compare: {len(cells)} cells, {len(todo)} to run; rows in {rows_path}")
         for cell in todo:
             if cell.spec.kind == "train":
                 row = _run_training(cell, finetune_argv, run_dir, train, main_process)
@@ -218,8 +222,8 @@ def run_compare(
                     append_row(rows_path, row)
                     done.add(cell.id)
                 r = row["results"]
-                print(f"[{cell.id}] {row['seconds']:.0f} s: {id_split} {r.get(id_split, float('nan')):.1f}, "
-                      f"ood_avg {r.get('ood_avg', float('nan')):.1f}", flush=True)  # fmt: skip
+                report(f"[{cell.id}] {row['seconds']:.0f} s: {id_split} {r.get(id_split, float('nan')):.1f}, "
+                       f"ood_avg {r.get('ood_avg', float('nan')):.1f}")  # fmt: skip
                 if not args.keep_models:
                     _delete_unneeded(cells, done, dependents, run_dir)
         _barrier()

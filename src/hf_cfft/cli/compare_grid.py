@@ -132,30 +132,33 @@ def parse_shard(value: str) -> tuple[int, int]:
     return index, count
 
 
-def shard_cells(cells: Sequence[Cell], shard: tuple[int, int]) -> set[str]:
-    """The ids of the cells shard ``(i, n)`` runs: every n-th training cell of the whole plan from the i-th (so
-    a restarted shard gets the same cells whatever has finished; a run that starts from another's model, LP-FT, goes
-    with that model's), and each post-hoc cell whose training cells are all its own (zero-shot on shard 0). A
-    post-hoc cell whose sources span shards is left to an unsharded run."""
-    index, count = shard
+def shard_owners(cells: Sequence[Cell], count: int) -> dict[str, int | None]:
+    """Which of ``count`` shards runs each cell (None: left to an unsharded run).
+
+    Training cells are dealt in turn over the whole plan, so a restarted shard gets the same cells whatever has
+    finished; a run that starts from another's model (LP-FT from its probe) goes where that model is trained. A
+    post-hoc cell goes to the shard that trains all its models (zero-shot, which needs none, to shard 0); one whose
+    models span shards (a soup over seeds) gets None.
+    """
     train = [c for c in cells if c.spec.kind == "train"]
-    # A run that starts from another's model (LP-FT from its probe) goes where that model is trained.
-    owner: dict[str, int] = {}
+    owners: dict[str, int | None] = {}
     dealt = 0
     for cell in train:
         if cell.spec.init_from:
             start = next(c for c in train if c.key == cell.spec.init_from and c.seed == cell.seed)
-            owner[cell.id] = owner[start.id]
+            owners[cell.id] = owners[start.id]
         else:
-            owner[cell.id], dealt = dealt % count, dealt + 1
-    mine = {c.id for c in train if owner[c.id] == index}
+            owners[cell.id], dealt = dealt % count, dealt + 1
     for cell in cells:
-        if cell.spec.kind == "train":
-            continue
-        needed = [c.id for c in train if c.key == cell.spec.source and cell.seed in ("all", c.seed)]
-        if (needed and all(n in mine for n in needed)) or (not needed and index == 0):
-            mine.add(cell.id)
-    return mine
+        if cell.spec.kind != "train":
+            needed = {owners[c.id] for c in train if c.key == cell.spec.source and cell.seed in ("all", c.seed)}
+            owners[cell.id] = 0 if not needed else needed.pop() if len(needed) == 1 else None
+    return owners
+
+
+def shard_cells(cells: Sequence[Cell], shard: tuple[int, int]) -> set[str]:
+    """The ids of the cells shard ``(i, n)`` runs (`shard_owners`)."""
+    return {cell for cell, owner in shard_owners(cells, shard[1]).items() if owner == shard[0]}
 
 
 def _method_from_yaml(entry: Mapping) -> tuple[str, MethodSpec]:
