@@ -238,9 +238,10 @@ def run_compare(
         + ".\n\n"
     )
     order = [registry[m].name for m in methods]
-    reference = registry[args.reference_method].name if args.reference_method else None
+    references = list(dict.fromkeys(registry[m].name for m in args.reference_method or []))
+    oracle = registry[args.oracle_method].name if args.oracle_method else None
     return write_frontier_report(output_dir, rows, id_split=id_split, ood_splits=data_args.ood_splits, header=header,
-                                 order=order, reference=reference)  # fmt: skip
+                                 order=order, references=references, oracle=oracle)  # fmt: skip
 
 
 def check_compare_data(data_args, held_out_split: str | None, *, greedy: bool) -> str:

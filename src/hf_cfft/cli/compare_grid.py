@@ -103,7 +103,15 @@ class CompareArguments:
     keep_models: bool = field(
         default=True, metadata={"help": "Keep every trained model; false deletes each once nothing still needs it."}
     )
-    reference_method: str | None = field(
+    reference_method: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Method key(s) every other method is compared with, paired by seed at matched ID (mean "
+            "difference, 95 %% interval, verdict; a plot per reference). The summary's verdicts use the first. "
+            "Default: WiSE-FT when compared, else vanilla FT (ft)."
+        },
+    )
+    oracle_method: str | None = field(
         default=None,
         metadata={
             "help": "A method (key) whose OOD gain over zero-shot is the yardstick, e.g. an oracle trained without "
@@ -220,12 +228,25 @@ def parse_compare_args(argv: Sequence[str]) -> tuple[CompareArguments, dict[str,
     unknown = [m for m in args.methods if m not in registry]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(registry)}")
-    if args.reference_method is not None and args.reference_method not in args.methods:
-        raise ValueError(
-            f"--reference_method {args.reference_method!r} is not among --methods {args.methods}; add it there"
-        )
+    if isinstance(args.reference_method, str):  # a YAML string: one reference
+        args.reference_method = [args.reference_method]
+    named = (("--reference_method", args.reference_method or []), ("--oracle_method", [args.oracle_method]))
+    for flag, names in named:
+        stray = [n for n in names if n is not None and n not in args.methods]
+        if stray:
+            raise ValueError(f"{flag} {' '.join(stray)!s} is not among --methods {args.methods}; add it there")
+    if args.reference_method is None:
+        args.reference_method = default_references(args.methods, registry)
     head = ["--config", args.finetune_config] if args.finetune_config else []
     return args, registry, [*head, *finetune_args, *remaining]
+
+
+def default_references(methods: Sequence[str], registry: Mapping[str, MethodSpec]) -> list[str]:
+    """The paired comparisons' reference when none is named: WiSE-FT when compared, else vanilla FT, else none."""
+    wise = [m for m in methods if registry[m].kind == "wise_ft"]
+    if wise:
+        return wise[:1]
+    return ["ft"] if "ft" in methods else []
 
 
 # ---- the grid ----

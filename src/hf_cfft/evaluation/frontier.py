@@ -12,6 +12,7 @@ epochs): its points are the strengths, each the mean and standard deviation over
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import statistics
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import paired
 from .prediction import OOD_AVG
 from .report import markdown_table
 
@@ -183,31 +185,36 @@ def best_at_id(curves: Mapping[Curve, Sequence[Point]], exclude: Sequence[str] =
 def matched_id_table(
     curves: Mapping[Curve, Sequence[Point]], exclude: Sequence[str] = (), order: Sequence[str] = ()
 ) -> str:
-    """OOD average of every curve at each target ID (interpolated on the mean curves); the best one in bold."""
+    """OOD average of every curve at each target ID, interpolated on the mean curves (a description, not a test)."""
     ranking = best_at_id(curves, exclude)
     names = _curve_order([c for c in curves if c[0] not in exclude], order)
     _label, _ = _labeller(curves)
     lines = []
     for target, ranked in ranking:
         at = {curve: ood for ood, curve in ranked}
-        best = ranked[0][1] if ranked else None
-        bold = "**{:.1f}**" if len(ranked) > 1 else "{:.1f}"
-        cells = [(bold if c == best else "{:.1f}").format(at[c]) if c in at else "-" for c in names]
-        lines.append([f"{target:.1f}", *cells])
+        lines.append([f"{target:.1f}", *(f"{at[c]:.1f}" if c in at else "-" for c in names)])
     return markdown_table(["ID accuracy", *(_label(c) for c in names)], lines)
 
 
 def plain_summary(
-    curves: Mapping[Curve, Sequence[Point]], *, id_split: str, num_ood: int, zero_shot: str = "zero-shot"
+    curves: Mapping[Curve, Sequence[Point]],
+    rows: Sequence[Mapping] = (),
+    *,
+    id_split: str,
+    ood_splits: Sequence[str],
+    reference: str | None = None,
+    zero_shot: str = "zero-shot",
 ) -> str:
-    """A few sentences: where each method is best along the ID axis, the extremes, and how large the seed noise is."""
+    """Sentences: zero-shot's accuracy, the highest ID and OOD points, each method against ``reference`` paired by seed
+    at matched ID (better or worse only where the 95 % interval excludes zero), and which split's seed spread dominates
+    the OOD average. No method is called best on a gap of means."""
     if not curves:
         return "No finished runs yet."
     _label, _ = _labeller(curves)
     lines = []
     if (zs := next((p for c, p in curves.items() if c[0] == zero_shot), None)) is not None:
         lines.append(f"The zero-shot model scores {zs[0].id_mean:.1f} % on {id_split} and {zs[0].ood_mean:.1f} % on "
-                     f"average over the {num_ood} OOD split(s).")  # fmt: skip
+                     f"average over the {len(ood_splits)} OOD split(s).")  # fmt: skip
     others = {c: p for c, p in curves.items() if c[0] != zero_shot}
     all_points = [(p, c) for c, points in others.items() for p in points]
     if all_points:
@@ -215,147 +222,75 @@ def plain_summary(
         top_ood = max(all_points, key=lambda pc: pc[0].ood_mean)
         for what, (point, curve) in (("ID", top_id), ("OOD average", top_ood)):
             strength = f" at strength {point.strength:g}" if len(others[curve]) > 1 else ""
-            lines.append(f"Highest {what}: {_label(curve)}{strength} ({point.id_mean:.1f} % ID, "
+            lines.append(f"Highest mean {what}: {_label(curve)}{strength} ({point.id_mean:.1f} % ID, "
                          f"{point.ood_mean:.1f} % OOD).")  # fmt: skip
-    # Contiguous ranges of ID accuracy where one method has the best OOD average.
-    ranges: list[list] = []
-    shown = None
-    for target, ranked in best_at_id(others):
-        if not ranked or f"{target:.1f}" == shown:
-            continue  # a second target that prints as the same ID would make a second sentence "at the same ID"
-        shown = f"{target:.1f}"
-        winner = ranked[0][1]
-        runner = ranked[1] if len(ranked) > 1 else None
-        if ranges and ranges[-1][0] == winner:
-            ranges[-1][2] = target
-            ranges[-1][3].append((target, ranked[0][0], runner))
-        else:
-            ranges.append([winner, target, target, [(target, ranked[0][0], runner)]])
-    for winner, low, high, points in ranges:
-        target, ood, runner = max(points, key=lambda t: (t[2] is not None, t[1]))
-        where = f"at {low:.1f} % ID" if low == high else f"from {low:.1f} to {high:.1f} % ID"
-        versus = ""
-        if runner is not None:
-            tie = " (a tie)" if abs(runner[0] - ood) < 0.05 else ""
-            versus = f"; next best {_label(runner[1])}, {runner[0]:.1f} %{tie}"
-        lines.append(f"Best OOD average {where}: {_label(winner)} ({ood:.1f} % at {target:.1f} % ID{versus}).")
-    stds = [p.ood_std for points in others.values() for p in points if p.seeds > 1]
-    if stds:
-        seeds = max(p.seeds for points in others.values() for p in points)
-        lines.append(f"Seed noise: the OOD average varies by {statistics.mean(stds):.1f} points (mean std over "
-                     f"{seeds} seeds); smaller gaps are not reliable.")  # fmt: skip
-    else:
-        lines.append("One seed per run: no error bars, so gaps of a point or two may be noise; run more --seeds.")
+    seeds = {r["seed"] for r in rows if r["seed"] != "all"}
+    ordered = _curve_order(curves)
+    if len(seeds) < 2:
+        lines.append("One seed per run: no difference between methods can be resolved (a paired interval needs two "
+                     "seeds or more), so none is called better; run more --seeds.")  # fmt: skip
+    elif reference is not None:
+        lines.append(f"Against {reference}, paired by seed at matched ID ({len(seeds)} seeds; mean difference and "
+                     "95 % Student t interval over seeds; better or worse only where the interval excludes "
+                     "zero):")  # fmt: skip
+        lines += paired.paired_summary(rows, ordered, reference, id_split=id_split, ood_splits=ood_splits,
+                                       label=_label)  # fmt: skip
+    spread = paired.seed_spread(rows, [*ood_splits, OOD_AVG])
+    if len(seeds) >= 2 and OOD_AVG in spread:
+        per_split = ", ".join(f"{s} {spread[s]:.1f}" for s in ood_splits if s in spread)
+        top = paired.dominant_split(spread, ood_splits)
+        which = (
+            f"{top} dominates the average's spread, so gaps in the average are mostly {top}'s."
+            if top
+            else f"No split's spread is {paired.DOMINANT_RATIO:g}x every other's."
+        )
+        lines.append(f"Seed spread (std over seeds, mean over cells): OOD average {spread[OOD_AVG]:.1f} points; per "
+                     f"split {per_split}. {which}")  # fmt: skip
     return "\n".join(f"- {line}" for line in lines)
 
 
-# Below this OOD gain of the reference over zero-shot (points), a share of it is noise and is not computed.
+# Below this OOD gain of the oracle over zero-shot (points), a share of it is noise and is not computed.
 MIN_REFERENCE_GAIN = 1.0
 
 
-def reference_share_table(
-    curves: Mapping[Curve, Sequence[Point]], reference: str, *, zero_shot: str = "zero-shot", order: Sequence[str] = ()
+def oracle_share_table(
+    curves: Mapping[Curve, Sequence[Point]], oracle: str, *, zero_shot: str = "zero-shot", order: Sequence[str] = ()
 ) -> str:
-    """Every point's OOD gain over zero-shot as a share of ``reference``'s (e.g. an oracle without the shortcut).
+    """Every point's OOD gain over zero-shot as a share of ``oracle``'s (the same fine-tuning without the shortcut).
 
-    The reference is the first point of the curve named ``reference``; a gain under ``MIN_REFERENCE_GAIN`` points
-    gives no shares ("n/a"), and the text says so.
+    The oracle is the first point of the curve named ``oracle``; a gain under ``MIN_REFERENCE_GAIN`` points gives no
+    shares ("n/a"), and the text says so.
     """
-    ref = next((p[0] for c, p in curves.items() if c[0] == reference), None)
+    ref = next((p[0] for c, p in curves.items() if c[0] == oracle), None)
     zs = next((p[0] for c, p in curves.items() if c[0] == zero_shot), None)
     if ref is None or zs is None:
-        missing = reference if ref is None else zero_shot
-        return f"No share of the reference's gain: {missing!r} has no finished rows yet."
+        missing = oracle if ref is None else zero_shot
+        return f"No share of the oracle's gain: {missing!r} has no finished rows yet."
     gain = ref.ood_mean - zs.ood_mean
     text = (
-        f"{reference}: ID {ref.id_mean:.1f}, OOD avg {ref.ood_mean:.1f}; {zero_shot}: {zs.id_mean:.1f} / "
-        f"{zs.ood_mean:.1f}. The reference's OOD gain over {zero_shot} is {gain:+.1f} points."
+        f"{oracle}: ID {ref.id_mean:.1f}, OOD avg {ref.ood_mean:.1f}; {zero_shot}: {zs.id_mean:.1f} / "
+        f"{zs.ood_mean:.1f}. The oracle's OOD gain over {zero_shot} is {gain:+.1f} points."
     )
     if abs(gain) < MIN_REFERENCE_GAIN:
         text += (
             f" A share of a gain under {MIN_REFERENCE_GAIN:g} point is noise, so none is computed: on this data "
-            "the reference does not improve OOD accuracy over zero-shot."
+            "the oracle does not improve OOD accuracy over zero-shot."
         )
     _label, _ = _labeller(curves)
     lines = []
     for curve in _curve_order(curves, order):
-        if curve[0] in (reference, zero_shot):
+        if curve[0] in (oracle, zero_shot):
             continue
         for p in curves[curve]:
             delta = p.ood_mean - zs.ood_mean
             share = f"{delta / gain:+.2f}" if abs(gain) >= MIN_REFERENCE_GAIN else "n/a"
             lines.append([_label(curve), f"{p.strength:g}", f"{delta:+.1f}", share])
-    table = markdown_table(
-        ["method", "strength", f"OOD avg minus {zero_shot}", "share of the reference's gain"], lines
-    )
+    table = markdown_table(["method", "strength", f"OOD avg minus {zero_shot}", "share of the oracle's gain"], lines)
     return f"{text}\n\n{table}"
 
 
-# Fixed styles for the world study's method names, so its plots keep their look; other names draw from _CYCLE.
-STYLES = {
-    "FT+FD": ("tab:blue", "o"),
-    "CFFT object/single": ("tab:red", "*"),
-    "CFFT random/single": ("tab:green", "^"),
-    "CFFT context/single": ("tab:purple", "v"),
-    "CFFT object/single, threshold 0.3": ("tab:orange", "P"),
-    "CFFT object/none": ("tab:pink", "p"),
-    "WiSE-FT": ("black", "."),
-    "vanilla FT": ("tab:gray", "s"),
-    "zero-shot": ("tab:brown", "D"),
-    "oracle FT (context independent of class)": ("tab:olive", "X"),
-}
-_CYCLE = [
-    (colour, marker)
-    for marker in ("h", "d", "<", ">", "8", "H", "x", "+")
-    for colour in ("tab:cyan", "darkgoldenrod", "navy", "crimson", "teal", "indigo", "olive", "salmon")
-]
-
-
-def curve_styles(curves: Iterable[Curve]) -> dict[Curve, tuple[str, str]]:
-    """A (colour, marker) per curve, no two alike: the fixed ones first, then unused pairs in order."""
-    styles, used = {}, set()
-    ordered = _curve_order(curves)
-    for curve in ordered:
-        if curve[0] in STYLES and STYLES[curve[0]] not in used:
-            styles[curve] = STYLES[curve[0]]
-            used.add(styles[curve])
-    spare = iter(pair for pair in _CYCLE if pair not in used and pair not in STYLES.values())
-    for curve in ordered:
-        if curve not in styles:
-            styles[curve] = next(spare)
-    return styles
-
-
-def plot_frontier(
-    curves: Mapping[Curve, Sequence[Point]], path: str | Path, *, id_split: str, num_ood: int, title: str
-) -> str:
-    """OOD average vs ID accuracy, one line per (method, epochs) through its strengths, error bars = std over seeds."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(9, 6.5))
-    FigureCanvasAgg(figure)
-    axes = figure.subplots()
-    styles = curve_styles(curves)
-    _label, common = _labeller(curves)
-    for curve in _curve_order(curves):
-        points = sorted(curves[curve], key=lambda p: p.id_mean)
-        colour, marker = styles[curve]
-        long = curve[1] != common  # another run length than most curves: dashed, hollow markers
-        axes.errorbar(
-            [p.id_mean for p in points], [p.ood_mean for p in points],
-            xerr=[p.id_std for p in points], yerr=[p.ood_std for p in points],
-            fmt="--" if long else "-", color=colour, marker=marker, markersize=9 if marker == "*" else 6,
-            capsize=2, label=_label(curve), markerfacecolor="none" if long else colour,
-        )  # fmt: skip
-    axes.set_xlabel(f"ID accuracy, {id_split} (%)")
-    axes.set_ylabel(f"OOD accuracy, average of {num_ood} split(s) (%)")
-    axes.set_title(title, fontsize=9)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return str(path)
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
 
 
 def write_frontier_report(
@@ -367,28 +302,58 @@ def write_frontier_report(
     header: str = "",
     order: Sequence[str] = (),
     title: str = "ID vs OOD over each method's strength (mean ± std over seeds)",
-    reference: str | None = None,
+    references: Sequence[str] = (),
+    oracle: str | None = None,
 ) -> dict[str, str]:
-    """Write compare.md (summary, table, per-split table, matched-ID table), summary.md, compare.json, frontier.png.
+    """Write compare.md, summary.md, compare.json, frontier.png and one paired-difference plot per reference.
 
-    Returns {what: path}. ``order`` lists method names to show first (the run's method order). ``reference``: a
-    method name whose OOD gain over zero-shot every other point is measured against (``reference_share_table``).
+    compare.md: the summary; every cell's mean ± std (ID and OOD average, then every split); the mean curves at
+    matched ID; for each of ``references`` (method names), every other curve minus it at matched ID, paired by seed,
+    for the OOD average and each split (`hf_cfft.evaluation.paired`); every point minus zero-shot on the same seed;
+    and, with ``oracle``, every point's share of the oracle's OOD gain over zero-shot. The summary's verdicts are
+    against the first reference. Returns {what: path}; ``order`` lists method names to show first.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     curves = curve_points(rows, id_split)
-    summary = plain_summary(curves, id_split=id_split, num_ood=len(ood_splits))
+    ordered = _curve_order(curves, order)
+    _label, common = _labeller(curves)
+    present = {c[0] for c in curves}
+    references = [r for r in references if r in present]
+    summary = plain_summary(
+        curves, rows, id_split=id_split, ood_splits=ood_splits, reference=references[0] if references else None
+    )
     table = results_by_cell_table(rows, [id_split, OOD_AVG], headers=[f"ID ({id_split})", "OOD avg"], order=order)
     per_split = results_by_cell_table(rows, [id_split, *ood_splits, OOD_AVG], order=order)
     matched = matched_id_table(curves, exclude=("zero-shot",), order=order)
     text = (
         f"{header}## Summary\n\n{summary}\n\n## ID and OOD average (top-1 %, mean ± std over seeds)\n\n{table}\n\n"
         f"## Every split\n\n{per_split}\n\n## OOD average at matched ID accuracy (linear interpolation on each mean "
-        f"curve; best in bold)\n\n{matched}\n"
+        f"curve; a description of the means, not a test: the paired tables below say which gaps are resolved)"
+        f"\n\n{matched}\n"
     )
-    if reference:
-        share = reference_share_table(curves, reference, order=order)
-        text += f"\n## Share of the OOD gain of {reference} over zero-shot\n\n{share}\n"
+    for reference in references:
+        paired_text = paired.paired_tables(
+            rows, ordered, reference, id_split=id_split, ood_splits=ood_splits, label=_label
+        )
+        text += (
+            f"\n## Paired by seed against {reference}, at matched ID\n\nEach method's point minus {reference} on the "
+            f"same seed, {reference}'s curve of that seed interpolated at the point's {id_split} accuracy; mean over "
+            "the paired seeds, 95 % Student t interval over seeds, how many seeds' differences have the mean's sign, "
+            "and how many seeds would resolve a difference of that size and spread (`hf_cfft.evaluation.paired`)."
+            f"\n\n{paired_text}\n"
+        )
+    zero_shot = next((c for c in ordered if c[0] == "zero-shot"), None)
+    if zero_shot is not None and len(curves) > 1:
+        zs_table = paired.zero_shot_table(rows, ordered, zero_shot, id_split=id_split, ood_splits=ood_splits,
+                                          label=_label)  # fmt: skip
+        text += (
+            "\n## Change over zero-shot, paired by seed (not matched in ID)\n\nEach point minus the zero-shot model "
+            f"on the same seed: mean [95 % Student t interval].\n\n{zs_table}\n"
+        )
+    if oracle:
+        share = oracle_share_table(curves, oracle, order=order)
+        text += f"\n## Share of the OOD gain of {oracle} over zero-shot\n\n{share}\n"
     paths = {
         "report": output_dir / "compare.md",
         "summary": output_dir / "summary.md",
@@ -397,15 +362,41 @@ def write_frontier_report(
     }
     paths["report"].write_text(text)
     paths["summary"].write_text(summary + "\n")
+    comparisons = {
+        reference: {
+            curve: comparison
+            for curve, comparison in paired.comparisons(
+                rows, ordered, reference, id_split=id_split, columns=[OOD_AVG, *ood_splits]
+            ).items()
+            if comparison.points
+        }
+        for reference in references
+    }
     payload = {
         "id_split": id_split,
         "ood_splits": list(ood_splits),
         "curves": [{"method": c[0], "epochs": c[1], "points": [asdict(p) for p in pts]} for c, pts in curves.items()],
+        "paired": {
+            reference: [{"method": c[0], "epochs": c[1], **asdict(comparison)} for c, comparison in found_by.items()]
+            for reference, found_by in comparisons.items()
+        },
         "summary": summary,
     }
     paths["json"].write_text(json.dumps(payload, indent=2))
     if curves:
-        plot_frontier(curves, paths["plot"], id_split=id_split, num_ood=len(ood_splits), title=title)
+        from .frontier_plots import curve_styles, plot_frontier, plot_paired
+
+        order_fn = functools.partial(_curve_order, first=order)
+        plot_frontier(curves, paths["plot"], id_split=id_split, num_ood=len(ood_splits), title=title, label=_label,
+                      order=order_fn, common=common)  # fmt: skip
+        styles = curve_styles(curves, order_fn)
+        for i, (reference, found_by) in enumerate(comparisons.items()):
+            if not found_by:
+                continue
+            what = "paired_plot" if i == 0 else f"paired_plot_{_slug(reference)}"
+            paths[what] = output_dir / ("paired.png" if i == 0 else f"paired_{_slug(reference)}.png")
+            plot_paired(found_by, paths[what], reference=reference, id_split=id_split, ood_splits=ood_splits,
+                        label=_label, styles=styles)  # fmt: skip
     else:
         paths.pop("plot")
     return {what: str(path) for what, path in paths.items()}
