@@ -13,7 +13,8 @@
 Every run is recipes/finetune.py with the method's flags; any flag this script does not know goes to every run
 (--finetune_config names a finetune YAML). Rows are appended to <output_dir>/rows.jsonl (rows-<i>of<n>.jsonl with
 --shard i/n) as runs finish, and a run whose row is there is not run again. At the end: compare.md (summary,
-tables), summary.md, compare.json and frontier.png. `--summarize_only` rewrites them from the rows so far. See
+tables, and every method minus --reference_method paired by seed at matched ID, with 95 % intervals), summary.md,
+compare.json, frontier.png and paired.png. `--summarize_only` rewrites them from the rows so far. See
 docs/choosing_a_method.md.
 """
 
