@@ -87,6 +87,10 @@ class EvalArguments:
     bf16: bool = field(default=False, metadata={"help": "Score under bf16 autocast (the precision of bf16 runs)."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the embedded world's splits."})
+    world_object_contrast: float | None = field(
+        default=None,
+        metadata={"help": "The embedded world only: the object's contrast (0.35: the adaptation world)."},
+    )
     output_dir: str = field(default="outputs/ood_eval", metadata={"help": "Where the results are written."})
 
 
@@ -120,8 +124,9 @@ def build_sets(args: EvalArguments):
     if id_split is None:
         raise ValueError("--id_split is required with --dataset_name (and --ood_splits for the shifted splits)")
     splits = load_image_splits(
-        dataset_name, [id_split, *ood_splits], dataset_config=args.dataset_config, world_seed=args.world_seed
-    )
+        dataset_name, [id_split, *ood_splits], dataset_config=args.dataset_config, world_seed=args.world_seed,
+        world_object_contrast=args.world_object_contrast,
+    )  # fmt: skip
     names = class_names_for(args.class_names, splits[id_split], args.label_column)
     sets = dataset_eval_sets(splits, image_column=args.image_column, label_column=args.label_column)
     templates = WORLD if dataset_name == WORLD else "simple"

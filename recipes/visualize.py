@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> str:
     args.model_name_or_path = default_model(args.model_name_or_path, data_args.dataset_name)
     dataset = load_image_splits(
         data_args.dataset_name, [args.split], dataset_config=data_args.dataset_config, data_dir=data_args.data_dir,
-        world_seed=args.seed,
+        world_seed=args.seed, world_object_contrast=data_args.world_object_contrast,
     )[args.split]  # fmt: skip
     rows = dataset.select(range(min(args.num_images, len(dataset))))
 

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             source = load_image_splits(
                 data_args.dataset_name, [data_args.train_split], dataset_config=data_args.dataset_config,
                 data_dir=data_args.data_dir, world_seed=args.seed,
+                world_object_contrast=data_args.world_object_contrast,
             )[data_args.train_split]  # fmt: skip
         names = class_names_of(source, data_args.label_column)
 

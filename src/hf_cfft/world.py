@@ -50,6 +50,10 @@ PRETRAIN_OUTLINE_FRACTION = 0.2
 # Share of train and test_id images drawn on their class's own context; the rest take a uniformly random other
 # in-distribution context. 1 / NUM_ID_CONTEXTS (0.1) makes the context independent of the class.
 TRAIN_CONTEXT_CORRELATION = 0.9
+# How far the object's colour lies from its background toward near-white in the splits after pre-training: 1 draws it
+# near-white (the embedded world); a lower value draws a faint object that pre-training never showed (the adaptation
+# world of docs/adaptation_world.md). Pre-training always draws it at 1.
+OBJECT_CONTRAST = 1.0
 # Patch side of the shipped world CLIP: the grid on which ``object_patches`` is given.
 WORLD_PATCH_SIZE = 4
 
@@ -220,7 +224,12 @@ def _sample_contexts(
 
 
 def _render_chunk(
-    split: str, seed: int, chunk: int, n: int, correlation: float = TRAIN_CONTEXT_CORRELATION
+    split: str,
+    seed: int,
+    chunk: int,
+    n: int,
+    correlation: float = TRAIN_CONTEXT_CORRELATION,
+    object_contrast: float = OBJECT_CONTRAST,
 ) -> WorldArrays:
     rng = np.random.default_rng([seed, SPLITS.index(split), chunk])
     alpha_solid, _ = _digits()
@@ -245,11 +254,21 @@ def _render_chunk(
         y, x = top + dy, top + dx
         alpha[group, y : y + OBJECT_SIZE, x : x + OBJECT_SIZE] = shape[group]
     alpha = alpha[..., None]
-    images = images * (1.0 - alpha) + OBJECT_RGB * alpha
+    # A faint object blends only part of the way to near-white; its strokes (the ground truth) stay where they are.
+    blend = alpha if split == "pretrain" or object_contrast == 1.0 else alpha * np.float32(object_contrast)
+    images = images * (1.0 - blend) + OBJECT_RGB * blend
     images += rng.normal(0.0, 6.0, size=images.shape).astype(np.float32)
     images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
     strokes = alpha[..., 0] > 0.5
     return WorldArrays(images, labels.astype(np.int64), contexts.astype(np.int64), styles, instances, strokes)
+
+
+def _check_object_contrast(object_contrast: float) -> None:
+    if not 0.0 < object_contrast <= 1.0:
+        raise ValueError(
+            f"object contrast {object_contrast} must lie in (0, 1]: how far the object's colour lies from its "
+            f"background toward near-white ({OBJECT_CONTRAST} = the embedded world; 0.35 = the adaptation world)"
+        )
 
 
 def _check_correlation(correlation: float) -> None:
@@ -261,21 +280,29 @@ def _check_correlation(correlation: float) -> None:
 
 
 def render_world(
-    split: str, *, seed: int = 0, size: int | None = None, correlation: float = TRAIN_CONTEXT_CORRELATION
+    split: str,
+    *,
+    seed: int = 0,
+    size: int | None = None,
+    correlation: float = TRAIN_CONTEXT_CORRELATION,
+    object_contrast: float = OBJECT_CONTRAST,
 ) -> WorldArrays:
     """Render ``size`` images of a world split as arrays (images [N, 32, 32, 3] uint8); deterministic in ``seed``.
 
     ``correlation`` is the share of ``train``/``test_id`` images on their class's own context (other splits ignore
-    it); changing it changes those images' contexts only, every other draw stays the same.
+    it); changing it changes those images' contexts only, every other draw stays the same. ``object_contrast``
+    (every split but ``pretrain``) draws the object that share of the way from its background to near-white;
+    changing it changes the pixels only, every draw and the strokes stay the same.
     """
     if split not in SPLITS:
         raise ValueError(f"Unknown world split {split!r}; expected one of {SPLITS}.")
     _check_correlation(correlation)
+    _check_object_contrast(object_contrast)
     size = DEFAULT_SIZES[split] if size is None else size
     if size < 0:
         raise ValueError(f"size must be >= 0, got {size}.")
     # Whole chunks only: a chunk's random draws depend on its length, and prefixes must not change with ``size``.
-    chunks = [_render_chunk(split, seed, k, _CHUNK, correlation) for k in range(-(-size // _CHUNK))]
+    chunks = [_render_chunk(split, seed, k, _CHUNK, correlation, object_contrast) for k in range(-(-size // _CHUNK))]
     return _slice(_concat(chunks), 0, size) if chunks else _render_chunk(split, seed, 0, 0)
 
 
@@ -335,18 +362,23 @@ def caption_for(label: int, context: int) -> str:
 
 
 def make_world_split(
-    split: str, *, seed: int = 0, size: int | None = None, correlation: float = TRAIN_CONTEXT_CORRELATION
+    split: str,
+    *,
+    seed: int = 0,
+    size: int | None = None,
+    correlation: float = TRAIN_CONTEXT_CORRELATION,
+    object_contrast: float = OBJECT_CONTRAST,
 ) -> datasets.Dataset:
     """One world split as a ``datasets.Dataset``: image (PIL RGB 32x32), label, context, style, instance columns.
 
     ``object_patches`` holds the ground-truth object mask on the world CLIP's 8x8 patch grid (64 bools, row-major;
     `object_patch_mask` of the strokes). The pretrain split also has a ``caption`` column. ``size`` defaults to
-    ``DEFAULT_SIZES[split]``; ``correlation`` as in `render_world`.
+    ``DEFAULT_SIZES[split]``; ``correlation`` and ``object_contrast`` as in `render_world`.
     """
     import datasets
     from PIL import Image
 
-    arrays = render_world(split, seed=seed, size=size, correlation=correlation)
+    arrays = render_world(split, seed=seed, size=size, correlation=correlation, object_contrast=object_contrast)
     features = world_features()
     columns = {
         "image": [Image.fromarray(img) for img in arrays.images],
@@ -363,9 +395,15 @@ def make_world_split(
 
 
 def make_world(
-    seed: int = 0, sizes: dict[str, int] | None = None, splits: tuple[str, ...] | None = None
+    seed: int = 0,
+    sizes: dict[str, int] | None = None,
+    splits: tuple[str, ...] | None = None,
+    object_contrast: float = OBJECT_CONTRAST,
 ) -> datasets.DatasetDict:
-    """All (or the chosen) world splits as a ``datasets.DatasetDict``; ``sizes`` overrides ``DEFAULT_SIZES``."""
+    """All (or the chosen) world splits as a ``datasets.DatasetDict``; ``sizes`` overrides ``DEFAULT_SIZES``.
+
+    ``object_contrast`` as in `render_world`.
+    """
     import datasets
 
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
@@ -373,7 +411,10 @@ def make_world(
     if unknown:
         raise ValueError(f"Unknown world split(s) {sorted(unknown)} in sizes; expected names from {SPLITS}.")
     return datasets.DatasetDict(
-        {name: make_world_split(name, seed=seed, size=sizes[name]) for name in (splits or SPLITS)}
+        {
+            name: make_world_split(name, seed=seed, size=sizes[name], object_contrast=object_contrast)
+            for name in (splits or SPLITS)
+        }
     )
 
 

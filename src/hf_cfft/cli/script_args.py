@@ -49,6 +49,13 @@ class DataArguments:
             "0.1 makes the context independent of the class)."
         },
     )
+    world_object_contrast: float | None = field(
+        default=None,
+        metadata={
+            "help": "The embedded world only: how far the object's colour lies from its background toward white in "
+            "every split after pre-training (default 1; 0.35 is the adaptation world, docs/adaptation_world.md)."
+        },
+    )
     data_dir: str | None = field(default=None, metadata={"help": "data_dir passed to datasets.load_dataset."})
     train_split: str = field(default="train", metadata={"help": "Split to fine-tune on."})
     eval_splits: list[str] = field(default_factory=list, metadata={"help": "Splits to evaluate (ID first)."})
@@ -342,6 +349,7 @@ def load_train_and_eval_splits(data_args: DataArguments, seed: int) -> tuple[Dat
         data_dir=data_args.data_dir,
         world_seed=seed,
         world_train_correlation=data_args.world_train_correlation,
+        world_object_contrast=data_args.world_object_contrast,
     )
     train = splits.pop(data_args.train_split)
     check_eval_classes_are_trained(train, splits, data_args.label_column, data_args.train_split)
@@ -390,6 +398,7 @@ def load_eval_splits(data_args: DataArguments, seed: int) -> dict[str, Dataset]:
         dataset_config=data_args.dataset_config,
         data_dir=data_args.data_dir,
         world_seed=seed,
+        world_object_contrast=data_args.world_object_contrast,
     )
     return {name: _truncated(split, data_args.max_eval_samples) for name, split in splits.items()}
 

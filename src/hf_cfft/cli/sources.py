@@ -26,13 +26,16 @@ def load_image_splits(
     cache_dir: str | None = None,
     world_seed: int = 0,
     world_train_correlation: float | None = None,
+    world_object_contrast: float | None = None,
 ) -> dict[str, Dataset]:
     """Load ``splits`` of an image dataset as a dict of `datasets.Dataset`.
 
     ``dataset_name`` is ``"world"`` (the embedded world, generated in memory), a local folder in ImageFolder layout
     (``<dir>/<split>/<class>/<image>``), ``"imagefolder"`` with ``data_dir``, or a Hub dataset id.
     ``world_train_correlation``: the world's ``train`` split only, the share of images on their class's own context
-    (default 0.9; 0.1 = context independent of the class, the oracle of docs/world.md).
+    (default 0.9; 0.1 = context independent of the class, the oracle of docs/world.md). ``world_object_contrast``:
+    every world split but ``pretrain``, how faint the object is (default 1; the adaptation world's value in
+    docs/adaptation_world.md).
     """
     if dataset_name == WORLD:
         from ..world import SPLITS, make_world_split
@@ -41,10 +44,16 @@ def load_image_splits(
         if unknown:
             raise ValueError(f"the world has no split(s) {unknown}; its splits are {', '.join(SPLITS)}")
         train_kwargs = {} if world_train_correlation is None else {"correlation": world_train_correlation}
+        look = {} if world_object_contrast is None else {"object_contrast": world_object_contrast}
         return {
-            split: make_world_split(split, seed=world_seed, **(train_kwargs if split == "train" else {}))
+            split: make_world_split(split, seed=world_seed, **look, **(train_kwargs if split == "train" else {}))
             for split in splits
         }
+    if world_object_contrast is not None:
+        raise ValueError(
+            f"--world_object_contrast {world_object_contrast} applies to the embedded world only, not to "
+            f"{dataset_name!r}; drop the flag"
+        )
     if os.path.isdir(os.path.expanduser(dataset_name)):
         return _local_image_folder(os.path.expanduser(dataset_name), splits)
     if _looks_like_path(dataset_name):
