@@ -61,6 +61,8 @@ SIZES = {
     # OpenAI CLIP ViT-B/32 and ViT-B/16 image towers with ImageNet's 1000-class head: the GPU benchmark.
     "vit-b32": ModelSize(224, 32, 768, 12, 12, 512, 256, 1000, 256),
     "vit-b16": ModelSize(224, 16, 768, 12, 12, 512, 128, 1000, 256),
+    # OpenAI CLIP ViT-L/14's image tower (24 layers, width 1024, 16 heads, projection 768): the memory benchmark.
+    "vit-l14": ModelSize(224, 14, 1024, 24, 16, 768, 16, 1000, 256),
     # SigLIP ViT-B/16 (google/siglip-base-patch16-224's image tower: no CLS, attention-pooling head, 768-d feature).
     "siglip-b16": ModelSize(224, 16, 768, 12, 12, 768, 128, 1000, 256, family="siglip"),
     "siglip-micro": ModelSize(32, 8, 32, 2, 2, 32, 8, 3, 32, family="siglip"),

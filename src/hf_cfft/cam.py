@@ -163,7 +163,10 @@ def compute_cam(model: torch.nn.Module, pixel_values: torch.Tensor, labels: torc
     vision = model.vision_model
     has_cls = getattr(model, "has_cls_token", True)
     # A leaf that requires grad gives the autograd graph a root even when every weight is frozen.
-    pixels = pixel_values.detach().requires_grad_(True)
+    # In the model's precision: a teacher kept in bf16 (--teacher_dtype) takes bf16 pixels.
+    dtype = next(model.parameters()).dtype
+    pixels = pixel_values.detach().to(dtype if dtype in (torch.float16, torch.bfloat16) else pixel_values.dtype)
+    pixels = pixels.requires_grad_(True)
     was_training = model.training
     model.eval()
     captured: dict[str, torch.Tensor] = {}

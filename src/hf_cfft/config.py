@@ -23,6 +23,7 @@ from .masking import FILL_KINDS, MASK_KINDS
 
 CAM_SOURCES = ("teacher", "student", "teacher_online")
 CAM_DTYPES = ("float16", "float32")
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 TRAINING_METHODS = ("cfft", "flyp")
 AUGMENTATIONS = ("none", "flip", "crop_flip")
 
@@ -143,6 +144,37 @@ class CfftConfig(TrainingArguments):
     skip_corrupt_images: bool = field(
         default=False, metadata={"help": "Drop unreadable train images (and report how many) instead of failing."}
     )
+    lora_rank: int = field(
+        default=0,
+        metadata={
+            "help": "LoRA rank of an adapter in the image tower (0 = train full weights). The head is trained in "
+            "full, and the teacher of CFFT / FT+FD / FT+KD is the same model with its adapters off (no second copy "
+            "of the tower). Needs the 'peft' extra."
+        },
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (the update is alpha / rank)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module name suffixes that get LoRA (default: the vision tower's attention projections q_proj, "
+            "k_proj, v_proj, out_proj, for every family)."
+        },
+    )
+    merge_adapter: bool = field(
+        default=True,
+        metadata={
+            "help": "With an adapter, also save the merged classifier (adapter folded into the weights) in "
+            "output_dir; the adapter alone always goes to output_dir/adapter."
+        },
+    )
+    teacher_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Precision the frozen teacher copy is kept in: 'float32', 'bfloat16', or 'float16' (GPU only). "
+            "A lighter teacher for big towers; its features differ from float32's by bf16 rounding (docs/scale.md)."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -245,10 +277,33 @@ class CfftConfig(TrainingArguments):
                 "with their pickled optimizer, scheduler and RNG states; hf_cfft never uploads pickles: use "
                 "--hub_strategy every_save or end (checkpoints stay local for resuming)"
             )
+        _choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+        self._check_adapter_and_teacher_settings()
         if self.dataloader_pin_memory and (self.use_cpu or not _has_accelerator()):
             self.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every dataloader
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns=True would drop the image column before the transform; use False")
+
+    def _check_adapter_and_teacher_settings(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 (0 = full fine-tuning, e.g. 8 or 16 for LoRA)")
+        if self.lora_rank > 0:
+            if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+                raise ValueError(
+                    f"lora_alpha={self.lora_alpha} must be > 0 and lora_dropout={self.lora_dropout} in [0, 1)"
+                )
+            if self.linear_probe or self.method == "flyp":
+                what = "linear_probe trains the head alone" if self.linear_probe else "method='flyp' trains 2 towers"
+                raise ValueError(f"lora_rank={self.lora_rank} with {what}; an image-tower adapter does not apply: "
+                                 "set lora_rank 0")  # fmt: skip
+            if self.teacher_dtype != "float32":
+                raise ValueError(
+                    f"teacher_dtype={self.teacher_dtype!r} with lora_rank={self.lora_rank}: with an adapter the "
+                    "teacher is the student's own frozen weights (no copy to keep in lower precision); drop "
+                    "--teacher_dtype"
+                )
+        if self.teacher_dtype == "float16" and (self.use_cpu or not _has_accelerator()):
+            raise ValueError("teacher_dtype='float16' needs a GPU; on the CPU use --teacher_dtype bfloat16")
 
     @cached_property
     def _setup_devices(self):

@@ -26,6 +26,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import HubStrategy
 from transformers.utils import PushInProgress, hf_api, logging
 
+from . import adapters
 from ._forward import call_as_forward
 from .cam import CamRecorder, compute_cam
 from .config import CfftConfig
@@ -97,8 +98,17 @@ class CfftTrainer(Trainer):
         if args.linear_probe:
             for name, parameter in model.named_parameters():
                 parameter.requires_grad_(name.startswith("classifier."))
+        if args.lora_rank > 0:  # the adapter in the tower, the head in full; the teacher: adapters off
+            model = adapters.add_lora(
+                model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                target_modules=args.lora_target_modules,
+            )  # fmt: skip
+            if teacher is None and args.distill_weight > 0:
+                teacher = adapters.AdapterFreeTeacher(model)
         if teacher is None and args.distill_weight > 0:
             teacher = copy.deepcopy(model)
+            if args.teacher_dtype != "float32":  # a lighter frozen copy for big towers
+                teacher = teacher.to(getattr(torch, args.teacher_dtype))
         self.distill_view = distill_view(args)
         # The student's own CAM picks the masks: counterfactuals are made inside its forward, not by the collator.
         self.student_cams = self.distill_view == "counterfactual" and args.needs_student_cams
@@ -120,7 +130,9 @@ class CfftTrainer(Trainer):
             **kwargs,
         )
         self.teacher = None
-        if teacher is not None:
+        if isinstance(teacher, adapters.AdapterFreeTeacher):
+            self.teacher = teacher  # the student's own weights: placed and wrapped with the student
+        elif teacher is not None:
             teacher.requires_grad_(False).eval()
             self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self.image_column, self.label_column = image_column, label_column
@@ -211,7 +223,13 @@ class CfftTrainer(Trainer):
         args = self.args
         # Every process calls it: the teacher-CAM pass is sharded over them (hf_cfft.distributed_cams).
         processor = FastImageProcessor(self.processing_class) if args.fast_image_processing else self.processing_class
-        dataset, self.skipped_images = prepare_train_dataset(
+        with adapters.teacher_context(self.teacher):
+            dataset, self.skipped_images = self._prepare_raw_dataset(dataset, processor)
+        return dataset
+
+    def _prepare_raw_dataset(self, dataset, processor):
+        args = self.args
+        return prepare_train_dataset(
             dataset,
             processor,
             model=self.accelerator.unwrap_model(self.model),
@@ -230,7 +248,6 @@ class CfftTrainer(Trainer):
             label_column=self.label_column,
             device=args.device,
         )
-        return dataset
 
     def _prepare_streaming_dataset(self, dataset: datasets.IterableDataset) -> datasets.IterableDataset:
         """A streamed raw train set -> preprocessed examples (`hf_cfft.streaming`); teacher CAMs cannot be cached."""
@@ -376,7 +393,8 @@ class CfftTrainer(Trainer):
             cam = None
             if self.args.needs_online_teacher_cams:  # the frozen teacher's CAM of this batch, on the device
                 teacher = self.accelerator.unwrap_model(self.teacher)
-                cam = compute_cam(teacher, inputs["pixel_values"], inputs["labels"], self.args.cam_method)
+                with adapters.teacher_context(teacher):
+                    cam = compute_cam(teacher, inputs["pixel_values"], inputs["labels"], self.args.cam_method)
             return self.counterfactual_batch(inputs, cam=cam)
         return None
 
@@ -403,10 +421,15 @@ class CfftTrainer(Trainer):
         """f_hat(x): the frozen teacher's embeddings [B, D] (or logits [B, K] when distilling logits)."""
         # accelerate's autocast wraps only ``forward``; get_image_features needs it explicitly, or a bf16 run would
         # run its teacher in fp32. Inference mode: a frozen model needs no autograd bookkeeping at all.
-        with self.accelerator.autocast(), torch.inference_mode():
+        dtype = getattr(torch, self.args.teacher_dtype)
+        if dtype != torch.float32:  # a teacher kept in bf16/fp16 reads its inputs in that precision
+            pixel_values = pixel_values.to(dtype)
+        with self.accelerator.autocast(), torch.inference_mode(), adapters.teacher_context(self.teacher):
             out = self.teacher.get_image_features(pixel_values, patch_keep)
             if self.args.distill_target == "logits":
                 out = self.teacher.logits_from_features(out)
+        if dtype != torch.float32:  # the target in float32, as the student's features outside autocast
+            return out.float()
         return out.clone()  # an inference tensor cannot be saved for the loss's backward
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -475,9 +498,22 @@ class CfftTrainer(Trainer):
         The Trainer saves every ``checkpoint-N`` through this method too, so checkpoints get their card as well.
         Only processes that write the model (``args.should_save``) write them.
         """
-        super().save_model(output_dir, _internal_call=_internal_call)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if adapters.is_adapter_model(unwrapped) and Path(folder).resolve() == Path(self.args.output_dir).resolve():
+            # The run's own folder (not a checkpoint, which keeps the adapter alone for resuming): the adapter in
+            # adapter/, the merged classifier beside it.
+            if self.args.should_save:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                adapters.save_adapter_and_merged(
+                    unwrapped, folder, merge=self.args.merge_adapter, base_model=self.base_model,
+                    safe_serialization=True,
+                )  # fmt: skip
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(folder)
+        else:
+            super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
-            folder = output_dir if output_dir is not None else self.args.output_dir
             # transformers pickles the args beside every model; hf_cfft keeps them as training_args.json only, so
             # no folder (and no push of one) ever holds a pickle.
             Path(folder, TRAINING_ARGS_NAME).unlink(missing_ok=True)

@@ -68,6 +68,10 @@ METHODS: dict[str, MethodSpec] = {
     "cfft_context": MethodSpec(
         "CFFT context/single", flags=("--mask_kind", "context", "--fill_kind", "single"), strength="beta"
     ),
+    # LoRA (rank 8) in the image tower's attention projections, the head in full; CFFT's teacher is the same model
+    # with its adapters off. Needs the 'peft' extra.
+    "lora_ft": MethodSpec("LoRA FT", flags=("--lora_rank", "8", "--distill_weight", "0", *NO_MASK)),
+    "lora_cfft": MethodSpec("LoRA CFFT object/single", flags=("--lora_rank", "8", *_CFFT, "single"), strength="beta"),
     "flyp": MethodSpec("FLYP", flags=("--method", "flyp", "--distill_weight", "0", *NO_MASK)),
     "wise_ft": MethodSpec("WiSE-FT", kind="wise_ft", strength="alpha", source="ft"),
     "uniform_soup": MethodSpec("uniform soup", kind="uniform_soup", source="ft"),

@@ -170,6 +170,10 @@ def method_info(training_args: Any = None, origin: Mapping[str, Any] | None = No
     return _info("cfft", "fine-tuned with **counterfactual fine-tuning** (CFFT)", "counterfactual-fine-tuning", "")
 
 
+def beta_of(training: Mapping[str, Any]) -> float:
+    return float(training.get("distill_weight", 30.0) or 0.0)
+
+
 def _info(key, headline, tag, detail, *, trained=True, start=", whose zero-shot classifier initialises the head"):
     return {"key": key, "headline": headline, "tag": tag, "detail": detail, "trained": trained, "start": start}
 
@@ -219,6 +223,13 @@ def hyperparameter_rows(training_args: Any) -> list[tuple[str, str]]:
             add("KD temperature", "kd_temperature")
     if args.get("linear_probe"):
         add("head only (linear probe)", "linear_probe")
+    if (args.get("lora_rank") or 0) > 0:
+        add("LoRA rank (the head trained in full)", "lora_rank")
+        add("LoRA alpha", "lora_alpha")
+        targets = args.get("lora_target_modules")
+        add("LoRA target modules", "lora_target_modules", ", ".join(targets) if targets else "q/k/v/out projections")
+    if args.get("teacher_dtype") not in (None, "float32"):
+        add("teacher precision", "teacher_dtype")
     add("augmentation", "augment")
     add("learning rate", "learning_rate")
     add("weight decay", "weight_decay")
@@ -383,6 +394,19 @@ def render_model_card(
     eval_results = _eval_results(results, dataset)
     training = _as_dict(training_args)
     info = method_info(training, origin)
+    if info["trained"] and (training.get("lora_rank") or 0) > 0:
+        merged = training.get("merge_adapter", True)
+        layout = (
+            "this folder holds the merged classifier (the adapter folded into the weights; `from_pretrained` loads "
+            "it like any hf_cfft classifier) and `adapter/` the adapter alone (`hf_cfft.adapters."
+            "load_adapter_classifier`)"
+            if merged
+            else "this folder's `adapter/` holds the adapter alone (`hf_cfft.adapters.load_adapter_classifier`); "
+            "no merged classifier was saved (`--merge_adapter false`)"
+        )
+        teacher = " The distillation teacher was the same model with its adapters off." if beta_of(training) else ""
+        info = dict(info, detail=f"{info['detail']} Trained with a LoRA adapter of rank {training['lora_rank']} in "
+                    f"the image tower and the head in full: {layout}.{teacher}".strip())  # fmt: skip
     if not info["trained"]:
         training = {}  # a WiSE-FT end's or a soup member's training settings do not describe this checkpoint
     method = {key: training[key] for key in training if key in _METHOD_KEYS}
