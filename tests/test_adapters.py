@@ -114,6 +114,15 @@ def test_adapter_and_merged_saves_reload_with_from_pretrained_and_give_the_same_
     assert not torch.allclose(before.eval()(pixel_values=pixels).logits, trained_logits)
 
 
+def test_under_gradient_checkpointing_the_adapter_still_learns(tiny_classifier, tmp_path):
+    args = _config(tmp_path, gradient_checkpointing=True, mask_kind="none", fill_kind="none")
+    trainer = CfftTrainer(model=tiny_classifier, args=args, train_dataset=_examples())
+    trainer.train()
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+
+
 def test_merge_adapter_false_keeps_the_adapter_alone(tiny_classifier, tmp_path):
     args = _config(tmp_path, merge_adapter=False)
     trainer = CfftTrainer(model=tiny_classifier, args=args, train_dataset=_examples())

@@ -105,6 +105,10 @@ class CfftTrainer(Trainer):
             )  # fmt: skip
             if teacher is None and args.distill_weight > 0:
                 teacher = adapters.AdapterFreeTeacher(model)
+            if args.gradient_checkpointing and not args.gradient_checkpointing_kwargs:
+                # Re-entrant checkpointing drops the gradients of a layer whose inputs do not require grad, which
+                # is every adapter layer of a frozen tower; the non-re-entrant kind does not.
+                args.gradient_checkpointing_kwargs = {"use_reentrant": False}
         if teacher is None and args.distill_weight > 0:
             teacher = copy.deepcopy(model)
             if args.teacher_dtype != "float32":  # a lighter frozen copy for big towers
