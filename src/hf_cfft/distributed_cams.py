@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import socket
 from collections.abc import Callable
 
 import datasets
@@ -178,9 +180,16 @@ def precompute_cams(
 
 
 def _save_atomically(cams: Dataset, folder: str) -> None:
-    partial = f"{folder}.incomplete-{os.getpid()}"
+    """Write the column to ``folder`` whole or not at all. Another machine on a shared filesystem may have written it
+    meanwhile (the same rows: same fingerprint); then its copy is kept and this one dropped."""
+    partial = f"{folder}.incomplete-{socket.gethostname()}-{os.getpid()}"
     cams.save_to_disk(partial)
-    os.replace(partial, folder)
+    try:
+        os.replace(partial, folder)
+    except OSError:
+        if not os.path.isdir(folder):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def cam_array(dataset: Dataset, cam_column: str = "cam") -> np.ndarray:

@@ -23,6 +23,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..evaluation import results_table, write_report
 from ..trainer import LostProcessError
+from .launch import refuse_a_lone_launch
 from .sources import WORLD, class_names_of, load_image_splits
 
 # Keys a fine-tuning YAML lends to the post-hoc recipes (WiSE-FT, soups, zero-shot, pictures): the data and the
@@ -222,6 +223,7 @@ def parse_with_config(
     a fine-tuning YAML); with it, keys that fine-tuning knows are accepted and ignored, any other key is refused.
     ``default_config_help`` ends the help of ``--config`` (say which file is the default, and when).
     """
+    refuse_a_lone_launch()
     parser = HfArgumentParser(dataclass_types)
     _group_the_help(parser, dataclass_types, trains=config_keys is None)
     parser.add_argument(
