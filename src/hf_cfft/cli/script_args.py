@@ -57,6 +57,10 @@ class DataArguments:
             "every split after pre-training (default 1; 0.35 is the adaptation world, docs/adaptation_world.md)."
         },
     )
+    world_eval_size: int | None = field(
+        default=None,
+        metadata={"help": "The embedded world only: images in each test and OOD split (default 1000)."},
+    )
     data_dir: str | None = field(default=None, metadata={"help": "data_dir passed to datasets.load_dataset."})
     train_split: str = field(default="train", metadata={"help": "Split to fine-tune on."})
     eval_splits: list[str] = field(default_factory=list, metadata={"help": "Splits to evaluate (ID first)."})
@@ -352,6 +356,7 @@ def load_train_and_eval_splits(data_args: DataArguments, seed: int) -> tuple[Dat
         world_seed=seed,
         world_train_correlation=data_args.world_train_correlation,
         world_object_contrast=data_args.world_object_contrast,
+        world_eval_size=data_args.world_eval_size,
     )
     train = splits.pop(data_args.train_split)
     check_eval_classes_are_trained(train, splits, data_args.label_column, data_args.train_split)
@@ -401,6 +406,7 @@ def load_eval_splits(data_args: DataArguments, seed: int) -> dict[str, Dataset]:
         data_dir=data_args.data_dir,
         world_seed=seed,
         world_object_contrast=data_args.world_object_contrast,
+        world_eval_size=data_args.world_eval_size,
     )
     return {name: _truncated(split, data_args.max_eval_samples) for name, split in splits.items()}
 

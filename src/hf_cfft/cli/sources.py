@@ -27,6 +27,7 @@ def load_image_splits(
     world_seed: int = 0,
     world_train_correlation: float | None = None,
     world_object_contrast: float | None = None,
+    world_eval_size: int | None = None,
 ) -> dict[str, Dataset]:
     """Load ``splits`` of an image dataset as a dict of `datasets.Dataset`.
 
@@ -35,7 +36,8 @@ def load_image_splits(
     ``world_train_correlation``: the world's ``train`` split only, the share of images on their class's own context
     (default 0.9; 0.1 = context independent of the class, the oracle of docs/world.md). ``world_object_contrast``:
     every world split but ``pretrain``, how faint the object is (default 1; the adaptation world's value in
-    docs/adaptation_world.md).
+    docs/adaptation_world.md). ``world_eval_size``: images in each world split other than ``train`` and
+    ``pretrain`` (default 1,000; the first n of a larger split are the n of the smaller one).
     """
     if dataset_name == WORLD:
         from ..world import SPLITS, make_world_split
@@ -45,15 +47,21 @@ def load_image_splits(
             raise ValueError(f"the world has no split(s) {unknown}; its splits are {', '.join(SPLITS)}")
         train_kwargs = {} if world_train_correlation is None else {"correlation": world_train_correlation}
         look = {} if world_object_contrast is None else {"object_contrast": world_object_contrast}
+        if world_eval_size is not None and world_eval_size < 1:
+            raise ValueError(f"--world_eval_size {world_eval_size} must be >= 1 (images per evaluation split)")
+
+        def size(split: str) -> dict:
+            return {"size": world_eval_size} if world_eval_size and split not in ("train", "pretrain") else {}
+
         return {
-            split: make_world_split(split, seed=world_seed, **look, **(train_kwargs if split == "train" else {}))
+            split: make_world_split(
+                split, seed=world_seed, **look, **size(split), **(train_kwargs if split == "train" else {})
+            )
             for split in splits
         }
-    if world_object_contrast is not None:
-        raise ValueError(
-            f"--world_object_contrast {world_object_contrast} applies to the embedded world only, not to "
-            f"{dataset_name!r}; drop the flag"
-        )
+    for flag, value in (("--world_object_contrast", world_object_contrast), ("--world_eval_size", world_eval_size)):
+        if value is not None:
+            raise ValueError(f"{flag} {value} applies to the embedded world only, not to {dataset_name!r}; drop it")
     if os.path.isdir(os.path.expanduser(dataset_name)):
         return _local_image_folder(os.path.expanduser(dataset_name), splits)
     if _looks_like_path(dataset_name):
