@@ -142,6 +142,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1000, help="Images per split.")
     parser.add_argument("--seed", type=int, default=0, help="World seed of the scored images.")
+    parser.add_argument(
+        "--object_contrast", type=float, default=1.0, help="The world's object contrast (0.35: the adaptation world)."
+    )
     parser.add_argument("--student", action="append", default=[], help="NAME=DIR of a fine-tuned classifier.")
     parser.add_argument("--output_dir", default="outputs/world_localization")
     parser.add_argument("--docs", default=None, help="Write the json/md/png here (e.g. docs).")
@@ -166,7 +169,7 @@ def main() -> None:
         name, _, path = spec.partition("=")
         models[f"student rollout ({name})"] = (load_classifier(path).eval(), "rollout")
     splits = ("test_id", *OOD_SPLITS)
-    arrays = {s: render_world(s, seed=args.seed, size=args.size) for s in splits}
+    arrays = {s: render_world(s, seed=args.seed, size=args.size, object_contrast=args.object_contrast) for s in splits}
     results: dict[str, dict[str, dict]] = {}
     for cam_name, (model, method) in models.items():
         results[cam_name] = {}
@@ -180,7 +183,8 @@ def main() -> None:
     header = (
         f"Command: `python benchmarks/world_localization.py {' '.join(os.sys.argv[1:])}`; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
-        f"{os.getloadavg()[0]:.2f}, {datetime.date.today()}; {args.size} images per split, world seed {args.seed}."
+        f"{os.getloadavg()[0]:.2f}, {datetime.date.today()}; {args.size} images per split, world seed {args.seed}, "
+        f"object contrast {args.object_contrast:g}."
     )
     target = Path(args.docs) if args.docs else Path(args.output_dir)
     target.mkdir(parents=True, exist_ok=True)
