@@ -299,3 +299,41 @@ def test_a_shard_trains_lp_ft_where_its_probe_is_trained():
         assert [probe in s for s in shards] == [lp_ft in s for s in shards]
     # The others are dealt in turn over the plan: vanilla FT seeds 0 and 2 on shard 0, seed 1 on shard 1.
     assert {"vanilla FT|0|1|0", "vanilla FT|0|1|2"} <= shards[0] and "vanilla FT|0|1|1" in shards[1]
+
+
+ADAPTATION = ROOT / "recipes" / "configs" / "compare"
+
+
+def test_the_adaptation_world_configs_parse_to_exactly_their_cells():
+    args, registry, finetune_argv = parse_compare_args(["--config", str(ADAPTATION / "adaptation_frontier.yaml")])
+    assert finetune_argv[:2] == ["--config", "recipes/configs/world.yaml"]
+    assert "--world_object_contrast" in finetune_argv and "--world_eval_size" in finetune_argv
+    assert finetune_argv[finetune_argv.index("--world_object_contrast") + 1] == "0.35"
+    assert finetune_argv[finetune_argv.index("--mask_threshold") + 1] == "0.02"
+    cells = plan_cells(args.methods, registry, betas=args.betas, alphas=args.alphas, seeds=args.seeds, epochs=1)
+    by_method: dict[str, int] = {}
+    for cell in cells:
+        by_method[cell.key] = by_method.get(cell.key, 0) + 1
+    # 5 seeds; WiSE-FT at 5 alphas; the three distillation methods at beta 1, 3, 10.
+    assert by_method == {"zero_shot": 5, "ft": 5, "wise_ft": 25, "oracle": 5, "cfft": 15, "ft_fd": 15,
+                         "cfft_nofill": 15}  # fmt: skip
+    # The design grid holds no distillation method: the criteria involve zero-shot, probes, vanilla FT and the oracle.
+    args, registry, _ = parse_compare_args(["--config", str(ADAPTATION / "adaptation_design.yaml")])
+    cells = plan_cells(args.methods, registry, betas=args.betas, alphas=args.alphas, seeds=args.seeds, epochs=1)
+    assert {c.key for c in cells} == {"zero_shot", "ft", "oracle", "probe_10_epochs", "probe_20_epochs"}
+    assert all(c.spec.strength != "beta" for c in cells)
+
+
+def test_the_adaptation_design_rows_meet_the_criteria_and_the_first_design_does_not():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "adaptation_criteria", ROOT / "benchmarks" / "adaptation_criteria.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    docs = ROOT / "docs" / "adaptation_world"
+    chosen = module.check(module.load_rows(docs / "design_contrast_035_eval_5000"))
+    assert [holds for _, _, holds in chosen] == [True] * 5
+    first = module.check(module.load_rows(docs / "design_contrast_035"))
+    assert [holds for _, _, holds in first] == [True, False, True, True, False]  # no probe rows; split std 2.76

@@ -341,3 +341,34 @@ def test_a_short_run_of_the_recipe_gives_the_recorded_weights_bit_for_bit(tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
     log = json.loads((tmp_path / "training_log.json").read_text())
     assert log["model_sha256"] == SHORT_RUN_SHA256, f"on {where}"
+
+
+def test_object_contrast_changes_the_pixels_only_and_never_pre_training():
+    from hf_cfft.world import render_world
+
+    shipped = render_world("ood_shuffled", seed=3, size=300)
+    faint = render_world("ood_shuffled", seed=3, size=300, object_contrast=0.35)
+    for field in ("labels", "contexts", "styles", "instances", "strokes"):
+        assert np.array_equal(getattr(shipped, field), getattr(faint, field)), field
+    on = faint.strokes[..., None].repeat(3, axis=-1)
+    # Off the strokes the image is the same up to where the blend weight is small; on them the object is fainter.
+    assert faint.images[on].mean() < shipped.images[on].mean() - 60
+    assert np.abs(faint.images[~on].astype(int) - shipped.images[~on]).mean() < 15
+    # A prefix stays a prefix, and pre-training never sees the faint object.
+    assert np.array_equal(
+        render_world("ood_shuffled", seed=3, size=100, object_contrast=0.35).images, faint.images[:100]
+    )
+    assert np.array_equal(
+        render_world("pretrain", size=64, object_contrast=0.35).images, render_world("pretrain", size=64).images
+    )
+    with pytest.raises(ValueError, match="object contrast 0 must lie in \\(0, 1\\]"):
+        render_world("test_id", size=4, object_contrast=0)
+
+
+def test_world_only_flags_are_refused_for_other_datasets(tmp_path):
+    from hf_cfft.cli.sources import load_image_splits
+
+    with pytest.raises(ValueError, match="--world_eval_size 50 applies to the embedded world only"):
+        load_image_splits(str(tmp_path), ["train"], world_eval_size=50)
+    splits = load_image_splits("world", ["train", "test_id"], world_eval_size=50, world_object_contrast=0.35)
+    assert len(splits["test_id"]) == 50 and len(splits["train"]) == 4000
