@@ -52,6 +52,11 @@ __all__ = [
 # ---- running ----
 
 
+def _now() -> str:
+    """When a row was written (UTC, to the second): rows show when each cell ran, e.g. after a criterion was fixed."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -151,7 +156,7 @@ def _run_post_hoc(cell: Cell, ctx: _Context, run_dir: Callable[[str, float, int 
         extra["ingredients"] = names
         # The first seed's splits: on the world the seed also draws the test sets.
         results = ctx.evaluate(soup, sources[0].seed)
-    return cell.row(results=results, seconds=round(time.time() - started, 1), **extra)
+    return cell.row(results=results, seconds=round(time.time() - started, 1), finished=_now(), **extra)
 
 
 def run_compare(
@@ -286,7 +291,7 @@ def _run_training(cell: Cell, finetune_argv: Sequence[str], run_dir, train, main
     _barrier()
     started = time.time()
     results = train(argv)
-    return cell.row(results=results.get("fine-tuned", {}), seconds=round(time.time() - started, 1))
+    return cell.row(results=results.get("fine-tuned", {}), seconds=round(time.time() - started, 1), finished=_now())
 
 
 def _delete_unneeded(cells, done, dependents, run_dir) -> None:
