@@ -21,12 +21,15 @@ docs/choosing_a_method.md.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from hf_cfft.cli.compare import parse_compare_args, run_compare
+from hf_cfft.cli.compare_grid import parse_shard
+from hf_cfft.output_folder import LOCK_NAME, OutputFolder
 
 
 def _finetune_recipe():
@@ -41,10 +44,14 @@ def _finetune_recipe():
 def main(argv: list[str] | None = None) -> dict[str, str]:
     args, registry, finetune_argv = parse_compare_args(sys.argv[1:] if argv is None else argv)
     finetune = _finetune_recipe()
-    paths = run_compare(
-        args, registry, finetune_argv, train=finetune.main, parse=finetune.parse_args,
-        report=lambda line: print(line, flush=True),
-    )  # fmt: skip
+    index, count = parse_shard(args.shard)
+    # Shards of one comparison run at once, each under its own lock; two runs of the same shard are refused.
+    lock = LOCK_NAME if count == 1 else f".hf_cfft.shard-{index}of{count}.lock"
+    with OutputFolder(args.output_dir, "compare", write=int(os.environ.get("RANK", "0")) == 0, lock_name=lock):
+        paths = run_compare(
+            args, registry, finetune_argv, train=finetune.main, parse=finetune.parse_args,
+            report=lambda line: print(line, flush=True),
+        )  # fmt: skip
     if paths:
         print("\n" + Path(paths["report"]).read_text())
     return paths

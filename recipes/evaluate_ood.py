@@ -34,6 +34,7 @@ from hf_cfft.evaluation import (
     write_robustness_report,
 )
 from hf_cfft.evaluation.imagenet_shifts import ID_SHIFT, SHIFTS, find_sources
+from hf_cfft.output_folder import OutputFolder
 
 
 @dataclass
@@ -146,6 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(
         args=sys.argv[1:] if argv is None else argv, look_for_args_file=False
     )
+    state = PartialState(cpu=args.device == "cpu")
+    # Before any set is read: a file, a read-only folder or another kind of output is refused; locked until the end.
+    with OutputFolder(args.output_dir, "ood_eval", write=state.is_main_process):
+        return _evaluate(args, state)
+
+
+def _evaluate(args: EvalArguments, state: PartialState) -> dict:
     sets, id_name, ood_names, class_names, default_templates, benchmark = build_sets(args)
     if not args.model_name_or_path and args.benchmark is None and (args.dataset_name or WORLD) == WORLD:
         args.model_name_or_path = [default_model(None, WORLD)]
@@ -153,7 +161,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--model_name_or_path is required (one or more CLIP checkpoints or saved classifiers)")
     for s in sets:
         s.dataset = subsample(s.dataset, args.max_eval_samples)
-    state = PartialState(cpu=args.device == "cpu")
     device = args.device or state.device
     templates = load_templates(args.templates or default_templates)
 

@@ -41,6 +41,7 @@ from hf_cfft.cli.script_args import (
 from hf_cfft.cli.sources import WORLD, class_names_for
 from hf_cfft.evaluation import evaluate_splits
 from hf_cfft.fast_images import FastImageProcessor
+from hf_cfft.output_folder import OutputFolder
 from hf_cfft.release.checkpoints import check_run_folder, resolve_resume_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "world.yaml"
@@ -89,7 +90,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"Config: {config} (flags override it)" if config else "Config: none (CfftConfig defaults + flags)")
     model_args.model_name_or_path = default_model(model_args.model_name_or_path, data_args.dataset_name)
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    check_run_folder(args, resume)  # before hours of data loading and CAMs; the trainer checks again
+    # Before hours of data loading and CAMs: a file, a read-only folder, another kind of output, the user's own files
+    # or a run already writing there are refused; the folder stays locked until this run ends.
+    with OutputFolder(
+        args.output_dir, "finetune", overwrite=args.overwrite_output_dir, resuming=resume is not None,
+        write=args.process_index == 0,
+    ):  # fmt: skip
+        return _train_and_evaluate(model_args, data_args, args, run_args, resume)
+
+
+def _train_and_evaluate(model_args, data_args, args, run_args, resume) -> dict:
+    check_run_folder(args, resume)  # the trainer checks again
 
     # One process per machine loads (and caches) the dataset first; the others then read its cache instead of
     # writing the same cache files at the same time.

@@ -39,6 +39,7 @@ from hf_cfft.cli.script_args import (
     write_results,
 )
 from hf_cfft.evaluation import evaluate_splits
+from hf_cfft.output_folder import OutputFolder, refuse_output_inside
 from hf_cfft.release.model_card import write_origin_card
 
 SOUP_ROW = "uniform soup"
@@ -74,11 +75,16 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("nothing to do with --save_model false: pass --eval_splits, or leave --save_model on")
     if args.greedy:
         check_held_out_split(args.held_out_split, data_args.ood_splits, data_args.eval_splits)
+    refuse_output_inside(args.output_dir, {f"ingredient {i + 1}": path for i, path in enumerate(args.models)})
+    with OutputFolder(args.output_dir, "soup"):  # before the ingredients are loaded
+        return _make_soup(args, data_args)
+
+
+def _make_soup(args: SoupArguments, data_args: DataArguments) -> dict:
     device = resolve_device(args.device)
     # Ingredients stay on the CPU: N models on the accelerator at once is what a soup of large models cannot afford.
     ingredients = [load_classifier(path).eval() for path in args.models]
     image_processor = AutoImageProcessor.from_pretrained(args.models[0])
-    os.makedirs(args.output_dir, exist_ok=True)
     if args.greedy:
         held_out = load_eval_splits(replace(data_args, eval_splits=[args.held_out_split], ood_splits=[]), args.seed)
         check_dataset_classes(held_out, class_names(ingredients[0]), data_args.label_column, args.models[0])

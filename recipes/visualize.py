@@ -12,7 +12,6 @@ or a saved classifier (e.g. a fine-tuned model, to see where its evidence moved)
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -31,6 +30,7 @@ from hf_cfft.cli.script_args import (
 )
 from hf_cfft.cli.sources import WORLD, class_names_for, load_image_splits
 from hf_cfft.masking import FILL_KINDS
+from hf_cfft.output_folder import check_output_file, save_png
 from hf_cfft.visualize import VIS_MASK_KINDS, model_counterfactual_grid
 
 # What a finetune YAML may lend besides the dataset keys: the picture should show the masks that run would use.
@@ -51,7 +51,10 @@ class VisualizeArguments:
     )
     split: str = field(default="train", metadata={"help": "Split to draw images from."})
     num_images: int = field(default=4, metadata={"help": "Rows of the picture (>= 2: refills need other images)."})
-    output_file: str = field(default="outputs/counterfactuals.png", metadata={"help": "PNG to write."})
+    output_file: str = field(
+        default="outputs/counterfactuals.png",
+        metadata={"help": "PNG to write (a file hf_cfft did not write is never replaced)."},
+    )
     mask_kinds: list[str] = field(default_factory=lambda: list(VIS_MASK_KINDS), metadata={"help": "Mask columns."})
     fill_kinds: list[str] = field(default_factory=lambda: list(FILL_KINDS), metadata={"help": "Fill columns."})
     mask_threshold: float = field(default=0.3, metadata={"help": "CAM threshold of object/context masks."})
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> str:
     )
     if args.num_images < 1:
         raise ValueError(f"--num_images={args.num_images} must be >= 1")
+    check_output_file(args.output_file)  # before the model and the images are loaded
     on_world = data_args.dataset_name == WORLD
     args.model_name_or_path = default_model(args.model_name_or_path, data_args.dataset_name)
     dataset = load_image_splits(
@@ -99,8 +103,7 @@ def main(argv: list[str] | None = None) -> str:
         ratio=args.mask_ratio,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)
-    picture.save(args.output_file)
+    save_png(picture, args.output_file)
     print(f"Wrote {args.output_file} ({picture.width}x{picture.height} px, {len(rows)} images)")
     return args.output_file
 

@@ -37,6 +37,7 @@ from hf_cfft.cli.script_args import (
 )
 from hf_cfft.cli.sources import WORLD
 from hf_cfft.evaluation import evaluate_splits
+from hf_cfft.output_folder import OutputFolder, refuse_output_inside
 from hf_cfft.release.model_card import write_origin_card
 
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
@@ -86,6 +87,14 @@ def main(argv: list[str] | None = None) -> dict:
     on_world = data_args.dataset_name == WORLD
     zero_shot_path = default_model(args.zero_shot_model, data_args.dataset_name, flag="--zero_shot_model")
     templates = args.templates or (WORLD if on_world else "simple")
+    refuse_output_inside(
+        args.output_dir, {"--fine_tuned_model": args.fine_tuned_model, "--zero_shot_model": zero_shot_path}
+    )
+    with OutputFolder(args.output_dir, "wise_ft"):  # before the models are loaded
+        return _interpolate(args, data_args, zero_shot_path, templates)
+
+
+def _interpolate(args: WiseFtArguments, data_args: DataArguments, zero_shot_path: str, templates: str) -> dict:
     device = resolve_device(args.device)
 
     fine_tuned = load_classifier(args.fine_tuned_model).to(device).eval()
@@ -97,7 +106,6 @@ def main(argv: list[str] | None = None) -> dict:
     image_processor = AutoImageProcessor.from_pretrained(args.fine_tuned_model)
     splits = load_eval_splits(data_args, args.seed)
     check_dataset_classes(splits, names, data_args.label_column, args.fine_tuned_model)
-    os.makedirs(args.output_dir, exist_ok=True)
 
     alphas = {alpha_dirname(float(a)): float(a) for a in args.alphas}  # de-duplicated, in the given order
     if len(set(alphas.values())) != len(set(map(float, args.alphas))):

@@ -30,6 +30,7 @@ from hf_cfft.cli.script_args import (
 )
 from hf_cfft.cli.sources import WORLD, class_names_of, load_image_splits
 from hf_cfft.evaluation import evaluate_splits
+from hf_cfft.output_folder import OutputFolder
 from hf_cfft.release.model_card import write_origin_card
 
 ZERO_SHOT_ROW = "zero-shot"
@@ -60,6 +61,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if args.output_dir is None:
         raise ValueError("--output_dir is required")
+    with OutputFolder(args.output_dir, "zero_shot"):  # before any work; e.g. a fine-tuned model's folder is refused
+        return _build_and_evaluate(args, data_args)
+
+
+def _build_and_evaluate(args: ZeroShotArguments, data_args: DataArguments) -> dict:
     on_world = data_args.dataset_name == WORLD
     args.model_name_or_path = default_model(args.model_name_or_path, data_args.dataset_name)
     splits = load_eval_splits(data_args, args.seed)

@@ -35,6 +35,7 @@ from .fast_images import FastImageProcessor
 from .losses import counterfactual_loss
 from .masking import cam_patch_mask, make_counterfactuals
 from .modeling import ClipCfftForImageClassification
+from .output_folder import OutputFolder
 from .release.checkpoints import (
     check_output_dir,
     check_run_folder,
@@ -169,6 +170,15 @@ class CfftTrainer(Trainer):
         """
         args = self.args
         checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, args.output_dir)
+        # Marked and locked for the whole run (hf_cfft.output_folder): a second run into it is refused meanwhile.
+        with OutputFolder(
+            args.output_dir, "finetune", overwrite=args.overwrite_output_dir, resuming=checkpoint is not None,
+            write=args.should_save,
+        ):  # fmt: skip
+            return self._train_in_folder(checkpoint, trial, **kwargs)
+
+    def _train_in_folder(self, checkpoint: str | None, trial, **kwargs):
+        args = self.args
         changed = check_run_folder(args, checkpoint)
         if checkpoint is None and args.overwrite_output_dir:
             if args.should_save:

@@ -18,6 +18,8 @@ import zipfile
 from collections.abc import Mapping
 from typing import Any
 
+from ..output_folder import is_guard_file
+
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -142,7 +144,7 @@ def check_output_dir(output_dir: str, *, resuming: bool, overwrite: bool) -> lis
     """
     if resuming or not os.path.isdir(output_dir):
         return []
-    entries = sorted(os.listdir(output_dir))
+    entries = sorted(name for name in os.listdir(output_dir) if not is_guard_file(name))
     if not entries:
         return []
     if not overwrite:
