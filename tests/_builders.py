@@ -81,3 +81,25 @@ def write_imagefolder(root: Path, splits=("train", "test"), per_class: int = 6, 
                 image = image.convert("L") if n == 0 else image
                 image.save(folder / f"{n}.png")
     return root
+
+
+def recording_hub(repo_id: str):
+    """A mock `HfApi` whose ``upload_folder`` records the files each upload would send: (hub, uploads)."""
+    from unittest import mock
+
+    from huggingface_hub import RepoUrl
+    from huggingface_hub.utils import filter_repo_objects
+
+    uploads: list[list[str]] = []
+
+    def upload_folder(folder_path, allow_patterns=None, ignore_patterns=None, **_):
+        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        uploads.append(
+            list(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        )
+        return mock.MagicMock(is_done=lambda: True)
+
+    hub = mock.MagicMock(name="HfApi")
+    hub.create_repo.return_value = RepoUrl(f"https://huggingface.co/{repo_id}")
+    hub.upload_folder.side_effect = upload_folder
+    return hub, uploads

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -18,7 +19,21 @@ def test_world_splits_load_truncated_with_their_class_names():
     assert default_model(None, "world") == str(world_clip_path())
 
 
-def test_the_push_command_named_in_retry_messages_exists():
+def test_the_push_command_named_in_retry_messages_exists(tmp_path):
     done = subprocess.run([sys.executable, "-m", "hf_cfft.release.push", "--help"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--model_dir" in done.stdout and "--repo_id" in done.stdout
+    # Run as the retry message writes it, on a folder that holds no model: refused before any Hub call, rc 1.
+    (tmp_path / "empty").mkdir()
+    command = [
+        sys.executable,
+        "-m",
+        "hf_cfft.release.push",
+        "--model_dir",
+        str(tmp_path / "empty"),
+        "--repo_id",
+        "me/x",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "has no config.json: save the model with save_pretrained first" in done.stderr, done.stderr[-2000:]

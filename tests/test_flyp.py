@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _builders import CLASSES, save_tiny_clip, tiny_clip, tiny_image_processor, tiny_tokenizer, write_imagefolder
+from _builders import (
+    CLASSES,
+    recording_hub,
+    save_tiny_clip,
+    tiny_clip,
+    tiny_image_processor,
+    tiny_tokenizer,
+    write_imagefolder,
+)
 
 from hf_cfft import CfftConfig, ClipCfftForImageClassification, load_classifier, load_templates, wise_ft
 from hf_cfft.baselines.flyp import FlypTrainer, contrastive_loss, load_contrastive_model
@@ -94,6 +103,8 @@ def test_templates_are_drawn_per_image_and_step_reproducibly(tmp_path):
     assert set(first.tolist()) == {0, 1}, "every image draws its own template"
     again = _trainer(tmp_path, seed=3)
     assert torch.equal(again.draw_templates(64), first)
+    assert torch.equal(trainer.draw_templates(64), first), "within one micro-step (evaluation too) the draw holds"
+    trainer._count_micro_step()  # what each training forward does
     assert not torch.equal(trainer.draw_templates(64), first), "the next micro-step draws again"
 
 
@@ -145,3 +156,113 @@ def test_flyp_refuses_distillation_and_saved_classifiers(workspace, tmp_path):
     load_classifier(str(clip), class_names=CLASSES, templates=TEMPLATES).save_pretrained(saved)
     with pytest.raises(ValueError, match="holds no text tower"):
         load_contrastive_model(str(saved))
+
+
+# ---- what FLYP inherits from the shared base trainer (hf_cfft.training.RobustTrainer) ----
+
+
+def _raw_images(n: int = 8):
+    import numpy as np
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)) for _ in range(n)]
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=list(CLASSES))})
+    return Dataset.from_dict({"image": images, "label": [i % 3 for i in range(n)]}, features=features)
+
+
+def _training(tmp_path, dataset=None, templates=TEMPLATES, **overrides) -> FlypTrainer:
+    kwargs = dict(
+        output_dir=str(tmp_path / "run"), method="flyp", distill_weight=0.0, mask_kind="none", fill_kind="none",
+        use_cpu=True, report_to="none", max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+        save_strategy="no", learning_rate=1e-3,
+    )  # fmt: skip
+    return FlypTrainer(
+        model=tiny_clip(), args=CfftConfig(**{**kwargs, **overrides}), tokenizer=tiny_tokenizer(),
+        class_names=CLASSES, templates=templates, processing_class=tiny_image_processor(),
+        train_dataset=_raw_images() if dataset is None else dataset,
+    )  # fmt: skip
+
+
+def test_flyp_push_writes_and_uploads_no_pickle(tmp_path):
+    from unittest import mock
+
+    hub, uploads = recording_hub("me/flyp")
+    with (
+        mock.patch("transformers.trainer.hf_api", return_value=hub),
+        mock.patch("hf_cfft.training.base.hf_api", return_value=hub),
+    ):
+        trainer = _training(tmp_path, save_strategy="steps", save_steps=1, push_to_hub=True, hub_model_id="me/flyp")
+        trainer.train()
+        trainer.push_to_hub()
+    out = tmp_path / "run"
+    assert not list(out.rglob("*.bin")), "training_args.bin (a pickle) must not be written"
+    # Checkpoints hold the whole contrastive model and the args as JSON, so that a resume is checked.
+    assert (out / "checkpoint-1" / "training_args.json").is_file()
+    assert "text_config" in json.loads((out / "checkpoint-1" / "config.json").read_text())
+    assert len(uploads) >= 3  # every save, then the final push
+    assert all(not any(f.endswith((".bin", ".pt", ".pth")) for f in files) for files in uploads)
+    # The final upload is the classifier with its FLYP card.
+    assert {"model.safetensors", "README.md", "training_args.json"} <= set(uploads[-1])
+    assert "flyp" in (out / "README.md").read_text().lower()
+    assert isinstance(load_classifier(str(out)), ClipCfftForImageClassification)
+
+
+def test_flyp_refuses_a_fresh_run_into_another_runs_folder_and_keeps_it(workspace, tmp_path):
+    import hashlib
+
+    clip, images = workspace
+    finetune = _finetune()
+    finetune.main(_args(clip, images, tmp_path / "run", "--learning_rate", "1e-3"))
+    weights = tmp_path / "run" / "model.safetensors"
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    with pytest.raises(FileExistsError, match="already holds a finished model.*--overwrite_output_dir"):
+        finetune.main(_args(clip, images, tmp_path / "run", "--learning_rate", "1e-3"))
+    # The trainer guards the folder itself, for users who build it without the recipe.
+    with pytest.raises(FileExistsError, match="already holds a finished model"):
+        _training(tmp_path).train()
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+
+
+def test_flyp_resume_with_another_learning_rate_is_refused_naming_it(workspace, tmp_path):
+    clip, images = workspace
+    finetune = _finetune()
+    extra = ("--learning_rate", "1e-3", "--save_steps", "1")
+    finetune.main(_args(clip, images, tmp_path / "run", *extra))
+    with pytest.raises(ValueError, match="learning_rate"):
+        finetune.main(
+            _args(clip, images, tmp_path / "run", "--learning_rate", "5e-3", "--save_steps", "1")
+            + ["--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-1")]
+        )
+
+
+def test_flyp_gradient_accumulation_averages_the_micro_batches(tmp_path):
+    # Learning rate 0 and one template: every micro-batch's loss is fixed, so the logged step loss of 2 micro-batches
+    # accumulated equals the mean of the losses of the same 2 batches taken as 2 steps (not their sum).
+    one = _training(tmp_path / "a", templates=TEMPLATES[:1], learning_rate=0.0, per_device_train_batch_size=2,
+                    max_steps=2)  # fmt: skip
+    two = _training(tmp_path / "b", templates=TEMPLATES[:1], learning_rate=0.0, per_device_train_batch_size=2,
+                    max_steps=1, gradient_accumulation_steps=2)  # fmt: skip
+    assert two.train().training_loss == pytest.approx(one.train().training_loss, rel=1e-5)
+
+
+def test_flyp_honours_the_papers_optimisation_switches(tmp_path):
+    from torch.optim.lr_scheduler import OneCycleLR
+
+    trainer = _training(tmp_path, one_cycle_schedule=True, decay_all_parameters=True, weight_decay=0.1, max_steps=4)
+    trainer.train()
+    assert isinstance(trainer.lr_scheduler, OneCycleLR)
+    decayed = {id(p) for group in trainer.optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    assert decayed == {id(p) for p in trainer.model.parameters() if p.requires_grad}, "biases and norms decay too"
+
+
+def test_flyp_trains_on_a_streamed_train_set(tmp_path):
+    stream = _raw_images().to_iterable_dataset()
+    trainer = _training(tmp_path, dataset=stream)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert all("contrastive_loss" in log for log in trainer.state.log_history if "loss" in log)

@@ -36,20 +36,23 @@ class Pause(TrainerCallback):
             open(flag, "w").close()
             time.sleep(600)
 
-class PausingTrainer(recipe.CfftTrainer):
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        if not os.environ.get("STOP_LATE"):
-            self.add_callback(Pause())
+def pausing(base):  # every method's trainer: CFFT's and FLYP's
+    class Pausing(base):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            if not os.environ.get("STOP_LATE"):
+                self.add_callback(Pause())
 
-    def _save_rng_state(self, output_dir):
-        # STOP_LATE: pause inside the checkpoint write, after the weights and optimizer, before trainer_state.json.
-        super()._save_rng_state(output_dir)
-        if os.environ.get("STOP_LATE") and self.state.global_step == stop_after:
-            open(flag, "w").close()
-            time.sleep(600)
+        def _save_rng_state(self, output_dir):
+            # STOP_LATE: pause inside the checkpoint write, after the weights and optimizer, before trainer_state.json.
+            super()._save_rng_state(output_dir)
+            if os.environ.get("STOP_LATE") and self.state.global_step == stop_after:
+                open(flag, "w").close()
+                time.sleep(600)
 
-recipe.CfftTrainer = PausingTrainer
+    return Pausing
+
+recipe.CfftTrainer, recipe.FlypTrainer = pausing(recipe.CfftTrainer), pausing(recipe.FlypTrainer)
 recipe.main(sys.argv[2:])
 """
 
@@ -83,8 +86,10 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
         ["--mask_kind", "object", "--fill_kind", "single"],  # teacher CAMs cached, content-seeded refills
         ["--mask_kind", "context", "--fill_kind", "multi", "--cam_source", "student"],  # step-seeded refills
         ["--mask_kind", "random", "--fill_kind", "none", "--mask_ratio", "0.5"],  # random masks + token drop
+        # FLYP: both towers, step-seeded template draws, the shared base trainer's checkpoints
+        ["--method", "flyp", "--distill_weight", "0", "--mask_kind", "none", "--fill_kind", "none"],
     ],
-    ids=["object-single-teacher", "context-multi-student", "random-none"],
+    ids=["object-single-teacher", "context-multi-student", "random-none", "flyp"],
 )
 def test_sigkilled_run_resumes_to_the_same_weights_bitwise(workspace, tmp_path, method):
     clip, images = workspace

@@ -13,11 +13,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _builders import save_tiny_clip, tiny_clip, tiny_image_processor, tiny_tokenizer, write_imagefolder
+from _builders import (
+    recording_hub,
+    save_tiny_clip,
+    tiny_clip,
+    tiny_image_processor,
+    tiny_tokenizer,
+    write_imagefolder,
+)
 from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
-from huggingface_hub import ModelCard, RepoUrl
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub import ModelCard
 from PIL import Image
 
 from hf_cfft import CfftConfig, CfftTrainer
@@ -247,21 +253,10 @@ def test_fp16_on_a_cpu_is_refused_suggesting_bf16(tmp_path):
 
 def test_no_training_args_pickle_is_written_or_pushed(tiny_classifier, tmp_path):
     out = tmp_path / "run"
-    uploads = []
-
-    def upload_folder(folder_path, allow_patterns=None, ignore_patterns=None, **_):
-        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
-        uploads.append(
-            list(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
-        )
-        return mock.MagicMock(is_done=lambda: True)
-
-    hub = mock.MagicMock(name="HfApi")
-    hub.create_repo.return_value = RepoUrl("https://huggingface.co/me/run")
-    hub.upload_folder.side_effect = upload_folder
+    hub, uploads = recording_hub("me/run")
     with (
         mock.patch("transformers.trainer.hf_api", return_value=hub),
-        mock.patch("hf_cfft.trainer.hf_api", return_value=hub),
+        mock.patch("hf_cfft.training.base.hf_api", return_value=hub),
     ):
         trainer = _trainer(
             tiny_classifier, out, save_strategy="steps", save_steps=1, push_to_hub=True, hub_model_id="me/run"
@@ -285,9 +280,13 @@ def test_hub_strategies_that_upload_optimizer_pickles_are_refused(tmp_path):
 def test_workspace_builders_still_make_complete_clip_folders(tmp_path):
     # The tokenizer check must not refuse a complete folder (the fixture every recipe test uses).
     folder = save_tiny_clip(tmp_path / "clip")
-    load_classifier(
+    model = load_classifier(
         str(folder), class_names=["cat", "dog", "fox"], templates=["a photo of a {}."], show_progress=False
     )
+    # The head is built from the folder's tokenizer and text tower: one distinct row per class name.
+    assert model.config.id2label == {0: "cat", 1: "dog", 2: "fox"}
+    rows = model.classifier.weight
+    assert rows.shape[0] == 3 and not torch.allclose(rows[0], rows[1]) and not torch.allclose(rows[1], rows[2])
 
 
 # ---- 13. the card describes the method that was run ----

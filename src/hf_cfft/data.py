@@ -1,4 +1,5 @@
-"""Data steps: teacher-CAM pre-computation (``Dataset.map``), the ``with_transform`` step and the collator.
+"""Data steps: teacher-CAM pre-computation (a batched inference pass, sharded over the run's processes and cached as a
+``cam`` column), the ``with_transform`` step and the collator.
 
     train Dataset --drop_unreadable_images, undecoded--precompute_cams (sharded, cached)--> + "cam" column
         --with_transform(CounterfactualTransform)--> pixel_values, labels, cf_mask (object/context masks)
@@ -218,7 +219,8 @@ def prepare_train_dataset(
     dataset: Dataset,
     image_processor: Callable,
     *,
-    model: torch.nn.Module,
+    grid: tuple[int, int],
+    num_labels: int,
     cam_teacher: torch.nn.Module | None = None,
     mask_kind: str = "none",
     mask_threshold: float = 0.3,
@@ -240,7 +242,7 @@ def prepare_train_dataset(
     machine's first process checks, the others read its cached result), leaves them undecoded (the transform decodes
     them, naming a broken file), adds ``cam_teacher``'s CAMs when one is given (`precompute_cams`: sharded over the
     run's processes, every one of which calls this, each on its ``device``; cached), and sets the
-    `CounterfactualTransform` for ``model``'s patch grid and classes.
+    `CounterfactualTransform` for the image tower's patch ``grid`` (h, w) and ``num_labels`` classes.
     """
     columns = {"image_column": image_column, "label_column": label_column}
     with local_main_process_first():
@@ -253,12 +255,12 @@ def prepare_train_dataset(
         )  # fmt: skip
     transform = CounterfactualTransform(
         image_processor,
-        grid=model.patch_grid,
+        grid=grid,
         mask_kind=mask_kind,
         mask_threshold=mask_threshold,
         mask_top_fraction=mask_top_fraction,
         augment=augment,
-        num_labels=model.config.num_labels,
+        num_labels=num_labels,
         **columns,
     )
     return dataset.with_transform(transform), skipped

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from datasets import IterableDataset
 
 from .data import CounterfactualTransform
@@ -23,7 +22,8 @@ def prepare_streaming_train_dataset(
     dataset: IterableDataset,
     image_processor: Callable,
     *,
-    model: torch.nn.Module,
+    grid: tuple[int, int],
+    num_labels: int,
     augment: str = "none",
     image_column: str = "image",
     label_column: str = "label",
@@ -32,14 +32,14 @@ def prepare_streaming_train_dataset(
     """A raw streamed (image, label) dataset -> a stream of ``pixel_values`` [C, H, W] and ``labels`` examples.
 
     Preprocessing runs lazily, ``batch_size`` examples at a time, in the DataLoader's workers
-    (`CounterfactualTransform` for ``model``'s patch grid and classes). The raw columns are dropped when the stream
-    knows its features.
+    (`CounterfactualTransform` for the image tower's patch ``grid`` (h, w) and ``num_labels`` classes). The raw columns
+    are dropped when the stream knows its features.
     """
     transform = CounterfactualTransform(
         image_processor,
-        grid=model.patch_grid,
+        grid=grid,
         augment=augment,
-        num_labels=model.config.num_labels,
+        num_labels=num_labels,
         image_column=image_column,
         label_column=label_column,
     )

@@ -12,22 +12,19 @@ processes, so under DDP the contrastive batch is ``per_device_train_batch_size``
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-from pathlib import Path
 
-import datasets
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.trainer import Trainer
 
 from ..build import classifier_from_pretrained, is_cfft_checkpoint
 from ..config import CfftConfig
-from ..data import CounterfactualCollator, CounterfactualTransform
+from ..data import CounterfactualCollator, prepare_train_dataset
 from ..families import family_for_model_type, family_of, tokenizer_kwargs
-from ..image_checks import drop_unreadable_images, undecoded
 from ..modeling import CfftImageClassifier
-from ..release.model_card import TRAINING_ARGS_JSON, write_model_card
+from ..training.base import RobustTrainer
 from ..zeroshot import build_zeroshot_head
 
 
@@ -66,7 +63,7 @@ def load_contrastive_model(model_name_or_path: str, **kwargs) -> tuple[PreTraine
     return model, AutoTokenizer.from_pretrained(model_name_or_path)
 
 
-class FlypTrainer(Trainer):
+class FlypTrainer(RobustTrainer):
     """FLYP on top of `transformers.Trainer`; ``self.model`` is the contrastive model with both towers.
 
     Args:
@@ -74,11 +71,13 @@ class FlypTrainer(Trainer):
         args: a `CfftConfig` with ``method='flyp'`` (its distillation knobs unused: ``distill_weight`` must be 0).
         tokenizer: the model's tokenizer; prompts are tokenised once, as the family was trained.
         class_names / templates: the prompts; class ``labels[i]`` is paired with ``template.format(name)``.
-        train_dataset: a raw image dataset (prepared here: image checks, the transform), or one yielding
-            ``pixel_values`` and ``labels``.
+        train_dataset: a raw image dataset (prepared here: image checks, the transform), a streamed one, or one
+            yielding ``pixel_values`` and ``labels``.
         processing_class: the checkpoint's image processor.
-    Checkpoints (``checkpoint-N``) hold the whole contrastive model, so a run resumes; `save_model` called by the
-    user writes the classifier (`classifier`), with the image processor and a model card.
+    Everything but the objective is `hf_cfft.training.RobustTrainer`'s: the run-folder guard, resume checks,
+    step seeding, the optimisation switches, the pickle-free push. Checkpoints (``checkpoint-N``) hold the whole
+    contrastive model (with ``training_args.json``), so a run resumes; any other save writes the classifier
+    (`classifier`), with the image processor, the model card and ``training_args.json``.
     """
 
     _tag_names = ["hf_cfft", "clip", "robust-fine-tuning", "flyp"]
@@ -110,61 +109,43 @@ class FlypTrainer(Trainer):
         self.prompt_ids = encoded["input_ids"].view(shape)
         mask = encoded.get("attention_mask")
         self.prompt_mask = mask.view(shape) if mask is not None else None
-        patch_size = model.config.vision_config.patch_size
         if data_collator is None:  # stacks pixel_values and labels (no masks, no refills)
             data_collator = CounterfactualCollator(
-                mask_kind="none", fill_kind="none", mask_ratio=0.5, patch_size=patch_size, seed=args.seed
-            )
+                mask_kind="none", fill_kind="none", mask_ratio=0.5, patch_size=model.config.vision_config.patch_size,
+                seed=args.seed,
+            )  # fmt: skip
+        self._classifier_config: PretrainedConfig | None = None
         super().__init__(
             model=model,
             args=args,
             data_collator=data_collator,
             train_dataset=train_dataset,
             processing_class=processing_class,
+            image_column=image_column,
+            label_column=label_column,
             **kwargs,
         )
-        self.image_column, self.label_column = image_column, label_column
-        self.skipped_images = 0
-        if train_dataset is not None:
-            self.train_dataset = self._prepare_dataset(train_dataset)
-        # What the model card reports beyond the args; recipes set them (as on CfftTrainer).
-        self.base_model: str | None = None
-        self.dataset_name: str | None = None
-        self.eval_results: dict[str, dict[str, float]] | None = None
-        self.ood_splits: list[str] | None = None
-        self._micro_step, self._micro_step_of = 0, -1
 
-    def _prepare_dataset(self, dataset):
-        """Raw images -> checked, undecoded, with the image transform (`CounterfactualTransform`, no masks)."""
-        if not isinstance(dataset, datasets.Dataset):
-            return dataset
-        if dataset.format["type"] is not None or "pixel_values" in dataset.column_names:
-            return dataset
-        if self.processing_class is None:
-            raise ValueError("FlypTrainer needs processing_class=<the checkpoint's image processor> for raw images")
+    def _prepare_raw_dataset(self, dataset, processor):
+        """Raw images -> checked, undecoded, with the image transform (no masks, no CAMs)."""
         args = self.args
-        dataset, self.skipped_images = drop_unreadable_images(
-            dataset, self.image_column, skip=args.skip_corrupt_images, check=args.image_check
-        )
-        vision = self.model.config.vision_config
-        side = vision.image_size // vision.patch_size
-        transform = CounterfactualTransform(
-            self.processing_class, grid=(side, side), augment=args.augment, num_labels=len(self.class_names),
+        return prepare_train_dataset(
+            dataset, processor, grid=self._patch_grid(), num_labels=self._num_labels(), augment=args.augment,
+            image_check=args.image_check, skip_corrupt_images=args.skip_corrupt_images,
             image_column=self.image_column, label_column=self.label_column,
         )  # fmt: skip
-        return undecoded(dataset, self.image_column).with_transform(transform)
+
+    def _num_labels(self) -> int:
+        return len(self.class_names)
 
     def draw_templates(self, batch_size: int) -> torch.Tensor:
         """One template index per image [B], seeded by (seed, step, process, micro-step): a resume redraws them."""
-        if self._micro_step_of != self.state.global_step:
-            self._micro_step_of, self._micro_step = self.state.global_step, 0
-        self._micro_step += 1
-        key = f"{self.args.seed}/{self.state.global_step}/{self.args.process_index}/{self._micro_step}"
-        seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
-        return torch.randint(len(self.templates), (batch_size,), generator=torch.Generator().manual_seed(seed))
+        return torch.randint(len(self.templates), (batch_size,), generator=self.step_generator())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The contrastive loss of the batch's images and their class prompts; one forward of the wrapped model."""
+        if model.training:
+            self._count_micro_step()
         labels = inputs["labels"].cpu()
         chosen = self.draw_templates(labels.shape[0])
         device = inputs["pixel_values"].device
@@ -176,9 +157,8 @@ class FlypTrainer(Trainer):
         bias = unwrapped.logit_bias if self.family.sigmoid else None
         loss = contrastive_loss(outputs.image_embeds, outputs.text_embeds, unwrapped.logit_scale.exp(), bias)
         if model.training and not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite FLYP loss at step {self.state.global_step + 1}; lower --learning_rate or use bf16"
-            )
+            self._stop_on_non_finite_loss(f"contrastive loss {loss.item()}", "lower --learning_rate or use bf16")
+        self._record(model.training, "contrastive_loss", loss)
         return (loss, outputs) if return_outputs else loss
 
     def classifier(self) -> CfftImageClassifier:
@@ -189,25 +169,20 @@ class FlypTrainer(Trainer):
         )
         return classifier_from_pretrained(model, weights, self.class_names, head_bias=bias).to(self.args.device).eval()
 
-    def create_model_card(self, *args, **kwargs) -> None:
-        """No-op: `save_model` writes hf_cfft's card next to the classifier (push_to_hub calls this after it)."""
-        return None
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """A ``checkpoint-N`` gets the whole contrastive model (to resume); anything else, the classifier + card."""
+    def _save_weights(self, folder: str, output_dir: str | None, _internal_call: bool) -> None:
+        """A ``checkpoint-N`` gets the whole contrastive model (to resume); anything else, the classifier."""
         if _internal_call and output_dir is not None:
-            return super().save_model(output_dir, _internal_call=True)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
+            self._classifier_config = None
+            return Trainer.save_model(self, output_dir, _internal_call=True)
         if not self.args.should_save:
             return None
         classifier = self.classifier()
-        classifier.save_pretrained(output_dir)
+        classifier.save_pretrained(folder)
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        write_model_card(
-            output_dir, model_config=classifier.config, training_args=self.args, base_model=self.base_model,
-            dataset_name=self.dataset_name, results=self.eval_results, ood_splits=self.ood_splits,
-            model_name=Path(output_dir).resolve().name, tags=self._tag_names, global_step=self.state.global_step,
-        )  # fmt: skip
-        (Path(output_dir) / TRAINING_ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")
+            self.processing_class.save_pretrained(folder)
+        self._classifier_config = classifier.config
         return None
+
+    def _release_config(self, folder: str) -> PretrainedConfig | None:
+        """The classifier's config beside a saved classifier; a checkpoint (the contrastive model) has no card."""
+        return self._classifier_config

@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> str:
             license=args.license,
             regenerate_card=not args.keep_card,
         )
-    except HubPushError as error:
-        print(error, file=sys.stderr)
+    except (HubPushError, FileNotFoundError) as error:  # a failed upload, or a folder that holds no model
+        print(f"push: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"Pushed {args.model_dir} to {url}")
     return url
