@@ -338,3 +338,25 @@ def test_the_adaptation_design_rows_meet_the_criteria_and_the_first_design_does_
     assert [holds for _, _, holds in chosen] == [True] * 5
     first = module.check(module.load_rows(docs / "design_contrast_035"))
     assert [holds for _, _, holds in first] == [True, False, True, True, False]  # no probe rows; split std 2.76
+
+
+ADAPTATION_FRONTIER = ROOT / "docs" / "adaptation_world" / "frontier"
+
+
+def test_the_shipped_adaptation_report_and_claims_are_what_compare_and_the_claims_script_write(tmp_path):
+    import importlib.util
+    import shutil
+
+    out = tmp_path / "frontier"
+    shutil.copytree(ADAPTATION_FRONTIER, out, ignore=shutil.ignore_patterns("runs", ".hf_cfft*"))
+    config = ADAPTATION / "adaptation_frontier.yaml"
+    paths = _recipe().main(["--config", str(config), "--output_dir", str(out), "--summarize_only"])
+    written = Path(paths["report"]).read_text()
+    assert written.split("\n", 1)[1] == (ADAPTATION_FRONTIER / "compare.md").read_text().split("\n", 1)[1]
+    spec = importlib.util.spec_from_file_location("adaptation_claims", ROOT / "benchmarks" / "adaptation_claims.py")
+    claims = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(claims)
+    table = claims.claims_table(claims.answer(read_rows(ADAPTATION_FRONTIER)))
+    assert table in (ADAPTATION_FRONTIER.parent / "claims.md").read_text()
+    # Every claim of issue 21 has a line, answered or saying which rows it waits for.
+    assert all(claim in table for claim, *_ in claims.CLAIMS)
