@@ -20,7 +20,7 @@ docs/choosing_a_method.md.
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import os
 import sys
 from pathlib import Path
@@ -29,27 +29,23 @@ import torch
 
 from hf_cfft.cli.compare import parse_compare_args, run_compare
 from hf_cfft.cli.compare_grid import parse_shard
+from hf_cfft.cli.finetune import finetune, parse_finetune_args
 from hf_cfft.output_folder import LOCK_NAME, OutputFolder
 
-
-def _finetune_recipe():
-    # The training runs are recipes/finetune.py's main, in this process (one launch for the whole grid).
-    spec = importlib.util.spec_from_file_location("finetune_recipe", Path(__file__).parent / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve field types through the module
-    spec.loader.exec_module(module)
-    return module
+# What recipes/finetune.py runs with no --config on the embedded world: every training cell is that job, in this
+# process (one launch for the whole grid).
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "world.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
     args, registry, finetune_argv = parse_compare_args(sys.argv[1:] if argv is None else argv)
-    finetune = _finetune_recipe()
     index, count = parse_shard(args.shard)
     # Shards of one comparison run at once, each under its own lock; two runs of the same shard are refused.
     lock = LOCK_NAME if count == 1 else f".hf_cfft.shard-{index}of{count}.lock"
     with OutputFolder(args.output_dir, "compare", write=int(os.environ.get("RANK", "0")) == 0, lock_name=lock):
         paths = run_compare(
-            args, registry, finetune_argv, train=finetune.main, parse=finetune.parse_args,
+            args, registry, finetune_argv, train=functools.partial(finetune, default_config=DEFAULT_CONFIG),
+            parse=functools.partial(parse_finetune_args, default_config=DEFAULT_CONFIG),
             report=lambda line: print(line, flush=True),
         )  # fmt: skip
     if paths:

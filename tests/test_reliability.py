@@ -52,7 +52,8 @@ def pausing(base):  # every method's trainer: CFFT's and FLYP's
 
     return Pausing
 
-recipe.CfftTrainer, recipe.FlypTrainer = pausing(recipe.CfftTrainer), pausing(recipe.FlypTrainer)
+import hf_cfft.cli.finetune as job  # the recipe's job: the trainers it builds
+job.CfftTrainer, job.FlypTrainer = pausing(job.CfftTrainer), pausing(job.FlypTrainer)
 recipe.main(sys.argv[2:])
 """
 
@@ -258,12 +259,14 @@ class HangRankOne(TrainerCallback):
         if args.process_index == 1 and state.global_step == 2:
             os.kill(os.getpid(), signal.SIGSTOP)  # hung: alive, but never joins the next all-reduce
 
-class Trainer(recipe.CfftTrainer):
+import hf_cfft.cli.finetune as job  # the recipe's job: the trainer it builds
+
+class Trainer(job.CfftTrainer):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.add_callback(HangRankOne())
 
-recipe.CfftTrainer = Trainer
+job.CfftTrainer = Trainer
 recipe.run_recipe(lambda: recipe.main(sys.argv[2:]))
 """
 

@@ -170,9 +170,10 @@ def run_compare(
 ) -> dict[str, str]:
     """Run every missing cell, append its row, then write the report; returns the report's paths (main process).
 
-    ``train`` / ``parse``: recipes/finetune.py's ``main`` and ``parse_args``; ``finetune_argv`` the flags every
-    training run gets (the method's own, the strength, seed and output folder are added after them). ``report``
-    receives the progress lines (the plan, each finished cell); the recipe prints them.
+    ``train`` / ``parse``: `hf_cfft.cli.finetune.finetune` and `parse_finetune_args` (with the recipes' default
+    config); ``finetune_argv`` the flags every training run gets (the method's own, the strength, seed and output
+    folder are added after them). ``report`` receives the progress lines (the plan, each finished cell); the recipe
+    prints them.
     """
     output_dir = Path(args.output_dir)
     shard = parse_shard(args.shard)

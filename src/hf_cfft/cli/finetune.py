@@ -1,0 +1,234 @@
+"""The fine-tuning job behind `recipes/finetune.py` and every training cell of `recipes/compare.py`.
+
+Parse the flags over a YAML config (`parse_finetune_args`), guard the output folder, load the data, build the method's
+trainer (`CfftTrainer`, or `FlypTrainer` for ``--method flyp``), evaluate before and after, save the model with its
+card and results. The recipes only pass their default config (``recipes/configs/world.yaml``), which is not part of
+the package.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor
+
+from ..baselines.flyp import FlypTrainer, load_contrastive_model
+from ..build import is_cfft_checkpoint, load_classifier
+from ..callbacks import CounterfactualImagesCallback
+from ..config import CfftConfig
+from ..evaluation import evaluate_splits
+from ..fast_images import FastImageProcessor
+from ..output_folder import OutputFolder
+from ..release.checkpoints import check_run_folder, resolve_resume_checkpoint
+from ..trainer import CfftTrainer
+from ..zeroshot import load_templates
+from .script_args import (
+    DataArguments,
+    FinetuneArguments,
+    ModelArguments,
+    default_model,
+    flag_value,
+    load_train_and_eval_splits,
+    parse_with_config,
+    write_results,
+)
+from .sources import WORLD, class_names_for
+
+VANILLA_ROW = "vanilla FT (beta 0)"
+
+
+def config_in_force(argv: list[str], default_config: str | Path | None) -> str | None:
+    """The YAML whose values the flags override: ``--config FILE``, else the world's config on the world, else none.
+
+    The world's config holds the embedded world's data, splits and tuned knobs; on another dataset (``--dataset_name``)
+    the `CfftConfig` defaults (the paper's setting) apply instead.
+    """
+    if flag_value(argv, "--config") is not None:
+        return flag_value(argv, "--config")
+    if default_config is None or flag_value(argv, "--dataset_name") not in (None, WORLD):
+        return None
+    return str(default_config)
+
+
+def parse_finetune_args(
+    argv: list[str], default_config: str | Path | None = None
+) -> tuple[ModelArguments, DataArguments, CfftConfig, FinetuneArguments]:
+    """CLI flags over the config in force (`config_in_force`)."""
+    types = (ModelArguments, DataArguments, CfftConfig, FinetuneArguments)
+    default_help = "Default: recipes/configs/world.yaml when --dataset_name is world (the default), else none."
+    return parse_with_config(
+        types, argv, default_config=config_in_force(argv, default_config), default_config_help=default_help
+    )
+
+
+def vanilla_config(args: CfftConfig, output_dir: str) -> CfftConfig:
+    """``args`` as vanilla fine-tuning (beta 0, no masks) with the same data, steps and seed; it saves nothing."""
+    return dataclasses.replace(
+        args,
+        distill_weight=0.0,
+        mask_kind="none",
+        fill_kind="none",
+        output_dir=output_dir,
+        save_strategy="no",
+        push_to_hub=False,
+        report_to="none",
+        resume_from_checkpoint=None,
+        overwrite_output_dir=False,
+    )
+
+
+def finetune(argv: list[str], *, default_config: str | Path | None = None) -> dict:
+    """Run the job of ``argv`` (flags over ``--config`` or ``default_config``); returns the results table's rows."""
+    model_args, data_args, args, run_args = parse_finetune_args(argv, default_config)
+    config = config_in_force(argv, default_config)
+    if args.process_index == 0:
+        print(f"Config: {config} (flags override it)" if config else "Config: none (CfftConfig defaults + flags)")
+    model_args.model_name_or_path = default_model(model_args.model_name_or_path, data_args.dataset_name)
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    # Before hours of data loading and CAMs: a file, a read-only folder, another kind of output, the user's own files
+    # or a run already writing there are refused; the folder stays locked until this run ends.
+    with OutputFolder(
+        args.output_dir, "finetune", overwrite=args.overwrite_output_dir, resuming=resume is not None,
+        write=args.process_index == 0,
+    ):  # fmt: skip
+        return _train_and_evaluate(model_args, data_args, args, run_args, resume)
+
+
+def _train_and_evaluate(model_args, data_args, args, run_args, resume) -> dict:
+    check_run_folder(args, resume)  # the trainer checks again
+
+    # One process per machine loads (and caches) the dataset first; the others then read its cache instead of
+    # writing the same cache files at the same time.
+    with args.main_process_first(local=True, desc="loading the dataset"):
+        train, splits = load_train_and_eval_splits(data_args, seed=args.seed)
+    class_names = class_names_for(model_args.class_names, train, data_args.label_column)
+
+    image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+    # What evaluation preprocesses with; the trainer applies the same switch to the train set.
+    eval_processor = FastImageProcessor(image_processor) if args.fast_image_processing else image_processor
+    columns = {"image_column": data_args.image_column, "label_column": data_args.label_column}
+    flyp = args.method == "flyp"
+    vanilla_start = None
+    if flyp:  # both towers are trained; the classifier (head from the text tower) is built for evaluation and saving
+        if model_args.teacher_name_or_path:
+            raise ValueError("--teacher_name_or_path has no use with --method flyp, which distils nothing")
+        contrastive, tokenizer = load_contrastive_model(model_args.model_name_or_path)
+        trainer = FlypTrainer(
+            model=contrastive, args=args, tokenizer=tokenizer, class_names=class_names,
+            templates=load_templates(model_args.templates), train_dataset=train, processing_class=image_processor,
+            **columns,
+        )  # fmt: skip
+    else:
+        model = load_classifier(
+            model_args.model_name_or_path,
+            class_names=class_names,
+            templates=load_templates(model_args.templates),
+            show_progress=args.process_index == 0,
+        )
+        vanilla_start = copy.deepcopy(model) if run_args.compare_with_vanilla else None
+        teacher = None
+        if model_args.teacher_name_or_path:
+            teacher = load_classifier(model_args.teacher_name_or_path, class_names=class_names)
+        trainer = CfftTrainer(
+            model=model, args=args, teacher=teacher, train_dataset=train, processing_class=image_processor, **columns
+        )
+    if trainer.skipped_images:
+        print(f"Skipped {trainer.skipped_images} unreadable train image(s); training on {len(trainer.train_dataset)}.")
+    if args.process_index == 0:
+        print(f"Training on {len(trainer.train_dataset)} images with {args.world_size} process(es) on {args.device}.")
+    trainer.base_model, trainer.dataset_name = model_args.model_name_or_path, data_args.dataset_name
+    trainer.ood_splits = data_args.ood_splits
+    if is_cfft_checkpoint(model_args.model_name_or_path):  # e.g. LP-FT's second stage: the card says so
+        trainer.card_origin = {"kind": "trained", "from_classifier": True}
+    if "tensorboard" in args.report_to and not flyp:  # pictures of the counterfactuals the student's CAM picks
+        CounterfactualImagesCallback.from_dataset(
+            train, image_processor, every_n_steps=max(1, int(args.logging_steps) * 10), **columns
+        ).attach(trainer)
+
+    results: dict[str, dict[str, float]] = {}
+    # Every process scores its share of each split (gathered: all get the same results), in the training precision.
+    evaluate_kwargs = dict(
+        ood_splits=data_args.ood_splits,
+        batch_size=args.per_device_eval_batch_size,
+        num_workers=args.dataloader_num_workers,
+        distributed=args.world_size > 1,
+        autocast_dtype=torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None),
+        show_progress=not args.disable_tqdm,
+        **columns,
+    )
+    if data_args.evaluate_zero_shot and splits:
+        # The starting point: CLIP's zero-shot classifier, or the saved classifier fine-tuning resumes from (LP-FT);
+        # with --teacher_name_or_path the teacher is reported too.
+        start = "before fine-tuning" if is_cfft_checkpoint(model_args.model_name_or_path) else "zero-shot"
+        start_model = trainer.classifier() if flyp else trainer.model
+        results[start] = evaluate_splits(start_model, splits, eval_processor, **evaluate_kwargs)
+        if model_args.teacher_name_or_path:
+            results["teacher"] = evaluate_splits(trainer.teacher, splits, eval_processor, **evaluate_kwargs)
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.log_metrics("train", train_result.metrics)
+    if splits:
+        tuned = trainer.classifier() if flyp else trainer.model
+        results["fine-tuned"] = evaluate_splits(tuned, splits, eval_processor, **evaluate_kwargs)
+        trainer.eval_results = results
+        if trainer.is_world_process_zero():
+            write_results(results, args.output_dir, data_args, stem="eval_results")
+    # After evaluation, so the model card (and a --push_to_hub upload) carries the results table.
+    trainer.save_model(args.output_dir)
+    if vanilla_start is not None:
+        results = _with_vanilla_row(
+            results, vanilla_start, args, train, splits, (image_processor, eval_processor), evaluate_kwargs
+        )
+        if trainer.is_world_process_zero():
+            trainer.eval_results = results
+            trainer.create_model_card()  # the card's table gains the vanilla row
+    if splits and trainer.is_world_process_zero():
+        table = write_results(results, args.output_dir, data_args, stem="eval_results")
+        print("\nTop-1 accuracy (%)\n" + table + _ood_summary(results, args))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        print(f"Saved the fine-tuned model, its model card and eval_results.json/.md to {args.output_dir}")
+    return results
+
+
+def _with_vanilla_row(results, start_model, args, train, splits, processors, evaluate_kwargs) -> dict:
+    """``results`` with vanilla fine-tuning's row (trained here, not saved) before the "fine-tuned" row.
+
+    ``processors``: (the checkpoint's image processor, for training; the evaluation one).
+    """
+    image_processor, eval_processor = processors
+    with tempfile.TemporaryDirectory(prefix="vanilla_ft_") as scratch:
+        vanilla = CfftTrainer(
+            model=start_model,
+            args=vanilla_config(args, scratch),
+            train_dataset=train,
+            processing_class=image_processor,
+            image_column=evaluate_kwargs["image_column"],
+            label_column=evaluate_kwargs["label_column"],
+        )
+        if args.process_index == 0:
+            print("Training vanilla fine-tuning (beta 0, no masks; same data, steps, seed) for comparison.")
+        vanilla.train()
+        if not splits:
+            return results
+        row = evaluate_splits(vanilla.model, splits, eval_processor, **evaluate_kwargs)  # every process: sharded
+    ordered = {key: value for key, value in results.items() if key != "fine-tuned"}
+    ordered[VANILLA_ROW] = row
+    ordered["fine-tuned"] = results["fine-tuned"]
+    return ordered
+
+
+def _ood_summary(results: dict, args: CfftConfig) -> str:
+    """One line: OOD average of each row against the zero-shot model's (what fine-tuning kept or lost)."""
+    base = results.get("zero-shot", {}).get("ood_avg")
+    if base is None or VANILLA_ROW not in results:
+        return ""
+    parts = [f"zero-shot {base:.1f}"]
+    this_run = f"this run ({args.mask_kind}-mask, beta {args.distill_weight:g})"
+    for name, label in ((VANILLA_ROW, "vanilla FT"), ("fine-tuned", this_run)):
+        value = results[name]["ood_avg"]
+        parts.append(f"{label} {value:.1f} ({value - base:+.1f})")
+    return "\nOOD average against zero-shot: " + ", ".join(parts)
