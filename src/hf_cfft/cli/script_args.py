@@ -21,6 +21,7 @@ import yaml
 from datasets import Dataset
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..dataset_checks import check_columns, check_max_samples, check_train_classes, subset
 from ..evaluation import results_table, write_report
 from ..trainer import LostProcessError
 from .launch import refuse_a_lone_launch
@@ -67,8 +68,19 @@ class DataArguments:
     ood_splits: list[str] = field(default_factory=list, metadata={"help": "Which eval splits are OOD (averaged)."})
     image_column: str = field(default="image", metadata={"help": "Image column name."})
     label_column: str = field(default="label", metadata={"help": "Label column name."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the train split (debugging)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate each eval split."})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train on this many images of the train split (debugging): a sample seeded by --seed, spread "
+            "evenly over the classes."
+        },
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Score this many images of each eval split: a sample seeded by --seed, spread over classes."
+        },
+    )
     evaluate_zero_shot: bool = field(
         default=True,
         metadata={
@@ -78,6 +90,8 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        check_max_samples("--max_train_samples", self.max_train_samples)
+        check_max_samples("--max_eval_samples", self.max_eval_samples)
         if isinstance(self.eval_splits, str) or isinstance(self.ood_splits, str):
             raise ValueError("eval_splits and ood_splits are lists of split names, e.g. eval_splits=['test']")
         not_evaluated = [split for split in self.ood_splits if split not in self.eval_splits]
@@ -342,12 +356,13 @@ def run_recipe(main: Callable[[], object]) -> None:
         raise SystemExit(2) from None
 
 
-def _truncated(dataset: Dataset, max_samples: int | None) -> Dataset:
-    return dataset.select(range(min(max_samples, len(dataset)))) if max_samples else dataset
-
-
 def load_train_and_eval_splits(data_args: DataArguments, seed: int) -> tuple[Dataset, dict[str, Dataset]]:
-    """The ``--train_split`` and ``--eval_splits``, truncated to ``--max_train_samples`` / ``--max_eval_samples``."""
+    """The ``--train_split`` and ``--eval_splits``, checked, each a seeded sample when ``--max_*_samples`` is given.
+
+    The columns must exist and hold class indices, the train split must hold two classes or more, and every class
+    of an eval split must be trained (`hf_cfft.dataset_checks`); ``--max_train_samples`` / ``--max_eval_samples``
+    take a sample seeded by ``seed`` and spread over the classes (`hf_cfft.dataset_checks.subset`).
+    """
     splits = load_image_splits(
         data_args.dataset_name,
         [data_args.train_split, *data_args.eval_splits],
@@ -358,10 +373,17 @@ def load_train_and_eval_splits(data_args: DataArguments, seed: int) -> tuple[Dat
         world_object_contrast=data_args.world_object_contrast,
         world_eval_size=data_args.world_eval_size,
     )
+    label = data_args.label_column
+    check_columns(splits, image_column=data_args.image_column, label_column=label)
     train = splits.pop(data_args.train_split)
-    check_eval_classes_are_trained(train, splits, data_args.label_column, data_args.train_split)
-    train = _truncated(train, data_args.max_train_samples)
-    return train, {name: _truncated(split, data_args.max_eval_samples) for name, split in splits.items()}
+    check_train_classes(train, label, data_args.train_split)
+    check_eval_classes_are_trained(train, splits, label, data_args.train_split)
+    train = subset(train, data_args.max_train_samples, seed=seed, label_column=label)
+    check_train_classes(train, label, f"{data_args.train_split} (--max_train_samples {data_args.max_train_samples})")
+    return train, {
+        name: subset(split, data_args.max_eval_samples, seed=seed, label_column=label)
+        for name, split in splits.items()
+    }
 
 
 def check_eval_classes_are_trained(
@@ -383,6 +405,11 @@ def check_eval_classes_are_trained(
         if label_column not in dataset.column_names:
             continue
         untrained = sorted(set(dataset.unique(label_column)) - trained)
+        if untrained and untrained[0] < 0:
+            raise ValueError(
+                f"split {split!r} has label {untrained[0]}: -1 marks an image without a label (e.g. a Hub test split "
+                "whose labels are hidden), so its accuracy would be wrong; evaluate on a split with labels"
+            )
         if untrained:
             shown = [names[label] if names else label for label in untrained]
             counts = collections.Counter(dataset.select_columns([label_column])[label_column])
@@ -396,7 +423,7 @@ def check_eval_classes_are_trained(
 
 
 def load_eval_splits(data_args: DataArguments, seed: int) -> dict[str, Dataset]:
-    """The ``--eval_splits`` as datasets (empty when none), each truncated to ``--max_eval_samples``."""
+    """The ``--eval_splits`` as datasets (empty when none), checked, each a seeded sample of ``--max_eval_samples``."""
     if not data_args.eval_splits:
         return {}
     splits = load_image_splits(
@@ -408,7 +435,11 @@ def load_eval_splits(data_args: DataArguments, seed: int) -> dict[str, Dataset]:
         world_object_contrast=data_args.world_object_contrast,
         world_eval_size=data_args.world_eval_size,
     )
-    return {name: _truncated(split, data_args.max_eval_samples) for name, split in splits.items()}
+    check_columns(splits, image_column=data_args.image_column, label_column=data_args.label_column)
+    return {
+        name: subset(split, data_args.max_eval_samples, seed=seed, label_column=data_args.label_column)
+        for name, split in splits.items()
+    }
 
 
 def check_dataset_classes(splits: Mapping[str, Dataset], names: list[str], label_column: str, model_name: str) -> None:

@@ -109,6 +109,30 @@ def top1_accuracy(
     return 100.0 * score["accuracy"]
 
 
+def check_eval_labels(eval_set: EvalSet, count: int | None) -> None:
+    """Raise, naming the split and the label, when a label of ``eval_set`` is not one of ``count`` classes.
+
+    A label of -1 (the hidden labels of a Hub test split) or one past the head would otherwise count as a wrong
+    prediction, and the accuracy would be silently low. Sets without a ``label`` column of their own are let be.
+    """
+    dataset = eval_set.dataset
+    if count is None or not isinstance(dataset, Dataset) or "label" not in dataset.column_names or not len(dataset):
+        return
+    values = np.asarray(dataset.unique("label"))
+    bad = values[(values < 0) | (values >= count)]
+    if bad.size:
+        hint = (
+            "-1 marks an image without a label (e.g. a Hub test split whose labels are hidden): evaluate on a split "
+            "with labels"
+            if (bad < 0).any()
+            else "check that the split's label column matches the class names the head was built from"
+        )
+        raise ValueError(
+            f"split {eval_set.name!r} has label(s) {', '.join(map(str, sorted(bad.tolist())[:5]))} outside the "
+            f"model's classes 0..{count - 1}, so its accuracy would be wrong; {hint}"
+        )
+
+
 def evaluate_splits(
     model: torch.nn.Module,
     splits: Mapping[str, Dataset] | Sequence[EvalSet],
@@ -132,6 +156,7 @@ def evaluate_splits(
     width = getattr(getattr(model, "config", None), "num_labels", None)
     for eval_set in splits:  # before any forward pass: a wrong head should fail fast, not after the first 50000 images
         eval_set.protocol.check_width(width)
+        check_eval_labels(eval_set, eval_set.protocol.label_count(width))
     metric = load_accuracy()
     results = {}
     for eval_set in splits:
