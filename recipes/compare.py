@@ -29,6 +29,7 @@ import torch
 
 from hf_cfft.cli.compare import parse_compare_args, run_compare
 from hf_cfft.cli.compare_grid import parse_shard
+from hf_cfft.cli.script_args import run_recipe
 from hf_cfft.output_folder import LOCK_NAME, OutputFolder
 
 
@@ -59,4 +60,4 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
 
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    main()
+    run_recipe(main)

@@ -210,7 +210,13 @@ def parse_compare_args(argv: Sequence[str]) -> tuple[CompareArguments, dict[str,
         path, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path!r} does not exist")
-        config = yaml.safe_load(Path(path).read_text()) or {}
+        text = Path(path).read_text()
+        try:
+            config = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            from .script_args import yaml_error_message
+
+            raise ValueError(yaml_error_message(path, text, error)) from None
         names = []
         for entry in config.pop("methods", []) or []:
             if isinstance(entry, Mapping):

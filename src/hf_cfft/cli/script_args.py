@@ -24,7 +24,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from ..dataset_checks import check_columns, check_max_samples, check_train_classes, subset
 from ..evaluation import results_table, write_report
 from ..trainer import LostProcessError
-from .launch import refuse_a_lone_launch
+from .launch import first_to_report, refuse_a_lone_launch, stop_the_launcher
 from .sources import WORLD, class_names_of, load_image_splits
 
 # Keys a fine-tuning YAML lends to the post-hoc recipes (WiSE-FT, soups, zero-shot, pictures): the data and the
@@ -197,7 +197,12 @@ def read_config(
             f"{os.getcwd()}); pass an existing YAML file, e.g. --config recipes/configs/world.yaml"
         )
     with open(config_file) as f:
-        config = yaml.safe_load(f) or {}
+        text = f.read()
+    try:
+        config = yaml.safe_load(text) or {}
+        lines = _key_lines(text)
+    except yaml.YAMLError as error:
+        raise ValueError(yaml_error_message(config_file, text, error)) from None
     if not isinstance(config, dict):
         raise ValueError(f"config file {config_file} must hold 'key: value' lines, got a {type(config).__name__}")
     hints = {}
@@ -223,7 +228,85 @@ def read_config(
                 f"config file {config_file}: {key} expects a list, got {type(value).__name__} {value!r}; write it "
                 f"as a YAML list, e.g. '{key}: [{value}]'"
             )
+        if key in hints and value is not None:
+            problem = _scalar_problem(key, hints[key], value)
+            if problem:
+                raise ValueError(f"config file {config_file}, line {lines.get(key, '?')}: {problem}")
     return config
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """The line (1-based) of each top-level key of a YAML mapping."""
+    node = yaml.compose(text)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+
+
+def yaml_error_message(config_file: str, text: str, error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    where = f", line {mark.line + 1}" if mark is not None else ""
+    line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if "\t" in line or "tab" in str(problem):
+        return (
+            f"config file {config_file}{where} holds a tab ({line.strip()!r}): YAML indents with spaces only. Replace "
+            "the tab with spaces"
+        )
+    return f"config file {config_file}{where} is not valid YAML ({problem}): {line.strip()!r}; fix that line"
+
+
+def _scalar_options(annotation) -> set[type]:
+    """The scalar types a field takes (bool, int, float, str; an Enum counts as str), or empty when it takes any other
+    type too (a dict, a list, ...): only fields of scalars alone are checked."""
+    import enum
+    import types
+
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    found: set[type] = set()
+    for option in typing.get_args(annotation) if union else (annotation,):
+        if option in (bool, int, float, str):
+            found.add(option)
+        elif isinstance(option, type) and issubclass(option, enum.Enum):
+            found.add(str)
+        elif option is not type(None):
+            return set()
+    return found
+
+
+# Text fields that also take a YAML boolean (``resume_from_checkpoint: true`` means "auto").
+_YAML_BOOLEANS_TAKEN = frozenset({"resume_from_checkpoint"})
+
+
+def _scalar_problem(key: str, annotation, value) -> str | None:
+    """Why ``value`` from a YAML cannot be the ``key`` field's value (None when it can): the traps YAML sets.
+
+    An unquoted ``no`` / ``off`` / ``yes`` is read by YAML as a boolean (``save_strategy: no`` would become False),
+    a list where one number goes, and a fraction where a whole number goes.
+    """
+    options = _scalar_options(annotation)
+    if key in _YAML_BOOLEANS_TAKEN:
+        options = options | {bool}
+    if not options:
+        return None
+    if isinstance(value, (list, dict)):
+        kind = "a list" if isinstance(value, list) else "a mapping"
+        return f"{key} takes one value, got {kind} {value!r}; write one value, e.g. '{key}: {_example(value)}'"
+    if isinstance(value, bool) and bool not in options:
+        word = "no" if value is False else "yes"
+        return (
+            f"{key}: {word} is read by YAML as the boolean {value} (unquoted no, off, yes and on are booleans), but "
+            f"{key} takes {'text' if str in options else 'a number'}; quote it: {key}: '{word}'"
+        )
+    if isinstance(value, float) and int in options and not options & {float, str}:
+        return f"{key} must be a whole number, got {value!r}; e.g. '{key}: {max(1, int(value))}'"
+    return None
+
+
+def _example(value) -> str:
+    if isinstance(value, list) and value:
+        return str(value[0])
+    return "..."
 
 
 def parse_with_config(
@@ -330,12 +413,39 @@ def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
     if os.path.isdir(os.path.expanduser(name)):
         return
     first = name.split("/", 1)[0]
-    if name.startswith((".", "/", "~")) or name.count("/") >= 2 or ("/" in name and os.path.isdir(first)):
+    looks_like_a_path = (
+        name.startswith((".", "/", "~")) or name.count("/") >= 2 or ("/" in name and os.path.isdir(first))
+    )
+    if not looks_like_a_path:
+        check_hub_reachable(name, flag)
+    if looks_like_a_path:
         raise FileNotFoundError(
             f"{flag} {name!r}: no such folder (relative paths are read from the working directory {os.getcwd()}). "
             "If it is the output of an earlier run (e.g. LP-FT stage 1: recipes/configs/baselines/lp_ft_stage1.yaml), "
             "run that first; if it is a Hub id, check its spelling"
         )
+
+
+def offline() -> bool:
+    """Whether the Hub is switched off (``HF_HUB_OFFLINE=1`` or ``TRANSFORMERS_OFFLINE=1``)."""
+    from ..config import _hub_is_off
+
+    return _hub_is_off()
+
+
+def check_hub_reachable(repo_id: str, flag: str = "--model_name_or_path") -> None:
+    """Offline, refuse a Hub model id that is not in the local cache: one line with the fix, before any work."""
+    if not offline():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    raise ValueError(
+        f"{flag} {repo_id!r} is a Hub id, but the Hub is switched off (HF_HUB_OFFLINE=1) and {repo_id!r} is not in "
+        f"the local cache ({constants.HF_HUB_CACHE}). Download it first where there is network (hf download "
+        f"{repo_id}), or pass a local folder that holds it"
+    )
 
 
 # Errors with a message written for the user (the cause and the fix): no traceback needed.
@@ -345,6 +455,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointErro
 def run_recipe(main: Callable[[], object]) -> None:
     """Run a recipe's ``main``: an error the user caused prints one message and exits with status 2.
 
+    Under ``accelerate launch`` the message is printed once for all the processes that fail with it, and the launcher
+    is stopped after it (`hf_cfft.cli.launch.stop_the_launcher`: exit status 143, no launcher traceback).
     ``HF_CFFT_TRACEBACK=1`` shows the traceback instead (for bug reports).
     """
     try:
@@ -352,7 +464,11 @@ def run_recipe(main: Callable[[], object]) -> None:
     except USER_ERRORS as error:
         if os.environ.get("HF_CFFT_TRACEBACK"):
             raise
-        print(f"error: {error}\n(set HF_CFFT_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        message = f"error: {error}\n(set HF_CFFT_TRACEBACK=1 to see the traceback)"
+        if first_to_report(message):
+            print(message, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        stop_the_launcher()
         raise SystemExit(2) from None
 
 

@@ -73,7 +73,14 @@ def load_image_splits(
     if dataset_name == "imagefolder":
         if data_dir is None or not os.path.isdir(data_dir):
             raise FileNotFoundError(f"ImageFolder data_dir {data_dir!r} does not exist; pass an existing directory")
-    loaded = load_dataset(dataset_name, dataset_config, data_dir=data_dir, cache_dir=cache_dir)
+    try:
+        loaded = load_dataset(dataset_name, dataset_config, data_dir=data_dir, cache_dir=cache_dir)
+    except ConnectionError as error:  # offline, or no network: datasets says "Couldn't reach ..." with a traceback
+        raise ValueError(
+            f"--dataset_name {dataset_name!r} is a Hub dataset id and cannot be loaded here: {error}. Download it "
+            f"first where there is network (hf download {dataset_name} --repo-type dataset, or load it once with "
+            "datasets so that it is cached), or pass a local ImageFolder (<dir>/<split>/<class>/<image>)"
+        ) from error
     missing = [s for s in splits if s not in loaded]
     if missing:
         raise ValueError(
