@@ -24,7 +24,7 @@ import numpy as np
 
 from . import paired
 from .prediction import OOD_AVG
-from .report import markdown_table
+from .report import markdown_table, rounded
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def read_rows(output_dir: str | Path) -> list[dict]:
 def append_row(path: str | Path, row: Mapping) -> None:
     """Append one row to a JSONL file (one line, flushed on close: a crash loses at most the run in progress)."""
     with Path(path).open("a") as f:
-        f.write(json.dumps(dict(row)) + "\n")
+        f.write(json.dumps(rounded(dict(row))) + "\n")
 
 
 def strength_label(row: Mapping) -> str:
@@ -382,7 +382,7 @@ def write_frontier_report(
         },
         "summary": summary,
     }
-    paths["json"].write_text(json.dumps(payload, indent=2))
+    paths["json"].write_text(json.dumps(rounded(payload), indent=2))
     if curves:
         from .frontier_plots import curve_styles, plot_frontier, plot_paired
 

@@ -24,6 +24,9 @@ from .protocols import EvalSet, dataset_eval_sets
 
 ACCURACY_METRIC = os.path.join(os.path.dirname(__file__), "metrics", "accuracy.py")
 OOD_AVG = "ood_avg"
+# Accuracies (%) are rounded to this many decimals where they are computed: 100 * 0.939 is 93.89999999999999 in
+# binary floating point, and 1e-6 % is far below one image of any evaluation set (one image in 10^6 is 1e-4 %).
+ACCURACY_DECIMALS = 6
 
 
 def load_accuracy() -> evaluate.EvaluationModule:
@@ -106,7 +109,7 @@ def top1_accuracy(
     """Top-1 accuracy in % of ``predictions`` [N] against ``references`` [N], through the bundled metric."""
     metric = metric if metric is not None else load_accuracy()
     score = metric.compute(predictions=np.asarray(predictions).tolist(), references=np.asarray(references).tolist())
-    return 100.0 * score["accuracy"]
+    return round(100.0 * score["accuracy"], ACCURACY_DECIMALS)
 
 
 def check_eval_labels(eval_set: EvalSet, count: int | None) -> None:
@@ -171,5 +174,5 @@ def evaluate_splits(
         results[eval_set.name] = top1_accuracy(eval_set.protocol.predict(logits, restrict=restrict), labels, metric)
     present = [name for name in ood_splits if name in results]
     if present:
-        results[OOD_AVG] = sum(results[name] for name in present) / len(present)
+        results[OOD_AVG] = round(sum(results[name] for name in present) / len(present), ACCURACY_DECIMALS)
     return results

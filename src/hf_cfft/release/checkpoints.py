@@ -236,6 +236,8 @@ def changed_args(checkpoint: str, args: Mapping[str, Any]) -> dict[str, tuple[An
     for key in RESUME_FIELDS:
         if key in saved and key in args and _normalised(saved[key]) != _normalised(args[key]):
             changed[key] = (saved[key], args[key])
+    if "logits" not in (saved.get("distill_target"), args.get("distill_target")):
+        changed.pop("kd_temperature", None)  # unused without logit distillation (its default changed from 1 to 10)
     return changed
 
 

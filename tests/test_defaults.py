@@ -1,0 +1,100 @@
+"""Issue 24, item 6: defaults that say where they come from, metrics written without float noise, compare's help."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hf_cfft import CfftConfig
+from hf_cfft.cli.compare_grid import METHODS, parse_compare_args
+from hf_cfft.evaluation.frontier import append_row
+from hf_cfft.evaluation.prediction import top1_accuracy
+from hf_cfft.evaluation.report import rounded, write_report
+from hf_cfft.release.checkpoints import changed_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the FT+KD temperature: the reference's 10 everywhere ----
+
+
+def test_the_ft_kd_temperature_defaults_to_the_references_10_everywhere(tmp_path):
+    assert CfftConfig(output_dir=str(tmp_path), use_cpu=True).kd_temperature == 10.0  # before: 1.0
+    flags = list(METHODS["ft_kd"].flags)
+    assert flags[flags.index("--kd_temperature") + 1] == "10"
+    baselines = (ROOT / "docs" / "baselines.md").read_text()
+    imagenet_kd = next(
+        line for line in baselines.splitlines() if "--distill_target logits" in line and "$LAUNCH" in line
+    )
+    assert "--kd_temperature 10" in imagenet_kd
+    fidelity = next(
+        line for line in (ROOT / "docs" / "fidelity.md").read_text().splitlines() if "FT+KD temperature" in line
+    )
+    assert "the `CfftConfig` default" in fidelity and "1.0 is the plain KL" not in fidelity
+
+
+def test_a_checkpoint_saved_with_the_old_temperature_resumes_unless_it_distils_logits(tmp_path):
+    (tmp_path / "training_args.json").write_text(json.dumps({"kd_temperature": 1.0, "distill_target": "features"}))
+    assert changed_args(str(tmp_path), {"kd_temperature": 10.0, "distill_target": "features"}) == {}
+    (tmp_path / "training_args.json").write_text(json.dumps({"kd_temperature": 1.0, "distill_target": "logits"}))
+    assert changed_args(str(tmp_path), {"kd_temperature": 10.0, "distill_target": "logits"}) == {
+        "kd_temperature": (1.0, 10.0)
+    }
+
+
+# ---- metrics rounded when written ----
+
+
+def test_accuracies_and_written_metrics_carry_no_float_noise(tmp_path):
+    assert 100.0 * 0.939 == 93.89999999999999  # what was written before
+    references = [0] * 1000
+    predictions = [0] * 939 + [1] * 61
+    assert top1_accuracy(predictions, references) == 93.9
+    assert rounded({"a": [0.1 + 0.2, 93.89999999999999], "b": 2, "c": float("nan")})["a"] == [0.3, 93.9]
+    write_report(str(tmp_path), {"fine-tuned": {"test": 93.89999999999999}}, "| table |", title="t")
+    assert '"test": 93.9' in (tmp_path / "results.json").read_text()
+    append_row(tmp_path / "rows.jsonl", {"beta": 0.1 * 3, "results": {"test": 93.89999999999999}})
+    assert json.loads((tmp_path / "rows.jsonl").read_text()) == {"beta": 0.3, "results": {"test": 93.9}}
+
+
+def test_the_finetune_recipe_writes_rounded_results(tmp_path):
+    from _builders import save_tiny_clip, write_imagefolder
+    from test_error_path import _recipe
+
+    clip, images = save_tiny_clip(tmp_path / "clip"), write_imagefolder(tmp_path / "images", ("train", "test"), 3)
+    argv = [
+        "--model_name_or_path", str(clip), "--dataset_name", str(images), "--output_dir", str(tmp_path / "run"),
+        "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--report_to", "none",
+        "--save_strategy", "no", "--eval_splits", "test", "--templates", "simple",
+    ]  # fmt: skip
+    _recipe().main(argv)
+    text = (tmp_path / "run" / "eval_results.json").read_text()
+    values = [v for row in json.loads(text).values() for v in row.values()]
+    assert values and all(len(repr(v).split(".")[-1]) <= 6 for v in values), text
+
+
+# ---- compare --help ----
+
+
+def test_compare_help_says_finetune_flags_pass_through_and_lists_config(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "compare.py"), "--help"], capture_output=True, text=True, env=env,
+        timeout=300,
+    )  # fmt: skip
+    text = " ".join(done.stdout.split())
+    assert done.returncode == 0, done.stderr
+    assert "every other flag (e.g. --model_name_or_path, --dataset_name, --learning_rate, --max_steps, --use_cpu) " \
+        "passes through to every recipes/finetune.py run" in text  # fmt: skip
+    assert "--config FILE A YAML of compare's own keys" in text
+    assert "--no_keep_models, --no-keep-models The same as --keep_models false: delete each trained model" in text
+    assert "--device DEVICE Device of the cells compare scores itself (zero-shot, WiSE-FT, soups); default: cuda " \
+        "when available, else cpu" in text  # fmt: skip
+    # --config still works after being listed
+    config = tmp_path / "c.yaml"
+    config.write_text("methods: [ft]\nseeds: [0, 1]\n")
+    args, _, _ = parse_compare_args(["--config", str(config), "--output_dir", str(tmp_path / "cmp")])
+    assert args.methods == ["ft"] and args.seeds == [0, 1]
