@@ -20,6 +20,9 @@ docs/choosing_a_method.md.
 
 from __future__ import annotations
 
+import hf_cfft_help  # noqa: F401  (first: --help from its cache, before the library loads)
+
+# isort: split
 import importlib.util
 import os
 import sys

@@ -17,6 +17,9 @@ written to <output_dir>/greedy_soup.json.
 
 from __future__ import annotations
 
+import hf_cfft_help  # noqa: F401  (first: --help from its cache, before the library loads)
+
+# isort: split
 import json
 import os
 import sys

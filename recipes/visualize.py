@@ -12,6 +12,9 @@ or a saved classifier (e.g. a fine-tuned model, to see where its evidence moved)
 
 from __future__ import annotations
 
+import hf_cfft_help  # noqa: F401  (first: --help from its cache, before the library loads)
+
+# isort: split
 import sys
 from dataclasses import dataclass, field
 
