@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"Config: {config} (flags override it)" if config else "Config: none (CfftConfig defaults + flags)")
     model_args.model_name_or_path = default_model(model_args.model_name_or_path, data_args.dataset_name)
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, args=args)
+    if resume is not None and args.process_index == 0:
+        print(f"Resuming from {resume}")
     # Before hours of data loading and CAMs: a file, a read-only folder, another kind of output, the user's own files
     # or a run already writing there are refused; the folder stays locked until this run ends.
     with OutputFolder(

@@ -327,3 +327,19 @@ def test_soups_refuse_ingredients_of_two_pretrained_models(two_bases, images, tm
     err = _refused_recipe("soup", argv, capsys)
     assert f"{tuned[0]} was built from the pre-trained model" in err and "whose weights differ" in err
     assert not (tmp_path / "soup" / "model.safetensors").exists()
+
+
+def test_the_greedy_soup_prints_each_candidates_held_out_accuracy(
+    pair, tiny_image_processor, images, tmp_path, capsys
+):
+    dirs = [str(_save(m, tiny_image_processor, tmp_path / f"run{i}")) for i, m in enumerate(pair)]
+    _recipe("soup").main([
+        "--models", *dirs, "--greedy", "--held_out_split", "test", "--dataset_name", str(images), "--output_dir",
+        str(tmp_path / "soup"), "--device", "cpu",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    record = json.loads((tmp_path / "soup" / "greedy_soup.json").read_text())
+    for path, score in record["ingredients_held_out"].items():
+        assert f"held-out test accuracy of {path}: {score:.2f} %" in out
+    ((tried, score, kept),) = record["tried"]
+    assert f"  soup with {tried}: {score:.2f} % -> {'kept' if kept else 'left out'}" in out

@@ -134,3 +134,33 @@ def test_the_help_cache_is_rebuilt_when_a_file_it_depends_on_changes(tmp_path):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "c.yaml").write_text("a: 1\n")  # a file beside the recipe, e.g. its config
     assert hf_cfft_help.cache_key(str(script), ["--help"]) != key
+
+
+# ---- the README says what a user needs ----
+
+
+def test_the_readme_says_loading_needs_import_hf_cfft_or_remote_code_and_that_is_so(tmp_path, tiny_classifier):
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (
+        "once `import hf_cfft` has run (it registers its classes with the Auto classes); without that import" in readme
+    )
+    assert "pass `trust_remote_code=True`" in readme
+    assert "--bf16 true is for a GPU: on a CPU-only machine drop it" in readme
+    tiny_classifier.save_pretrained(tmp_path / "model")
+    load = "from transformers import AutoModelForImageClassification as A; A.from_pretrained({!r}{})"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for prefix, extra, works in (
+        ("", "", False),
+        ("import hf_cfft; ", "", True),
+        ("", ", trust_remote_code=True", True),
+    ):
+        code = prefix + load.format(str(tmp_path / "model"), extra)
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+        )  # (without remote code allowed, transformers asks on stdin)
+        assert (done.returncode == 0) == works, (code, done.stderr[-1500:])

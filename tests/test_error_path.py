@@ -199,5 +199,7 @@ def test_resume_auto_on_a_finished_run_says_it_is_finished(workspace, tmp_path, 
     assert (out / "model.safetensors").read_bytes() == before
     # training it longer is a resume that goes on
     longer = ["--max_steps", "3", "--allow_changed_args_on_resume", "true", "--evaluate_zero_shot", "false"]
+    capsys.readouterr()
     _recipe().main(_args(workspace, out, "--resume_from_checkpoint", "auto", *longer))
     assert (out / "checkpoint-3").is_dir()
+    assert f"Resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out  # a resumed run names its checkpoint
