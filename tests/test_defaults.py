@@ -164,3 +164,67 @@ def test_the_readme_says_loading_needs_import_hf_cfft_or_remote_code_and_that_is
             stdin=subprocess.DEVNULL,
         )  # (without remote code allowed, transformers asks on stdin)
         assert (done.returncode == 0) == works, (code, done.stderr[-1500:])
+
+
+# ---- on the world, the picture and the README's snippet use world.yaml's beta and threshold ----
+
+
+def test_visualize_and_the_readme_snippet_use_the_worlds_beta_and_threshold(tmp_path, monkeypatch):
+    import yaml
+    from PIL import Image
+    from test_error_path import _recipe
+
+    world = yaml.safe_load((ROOT / "recipes" / "configs" / "world.yaml").read_text())
+    snippet = (ROOT / "README.md").read_text().split("## In Python", 1)[1].split("```", 2)[1]
+    assert f"distill_weight={world['distill_weight']}" in snippet
+    assert f"mask_threshold={world['mask_threshold']}" in snippet
+    visualize = _recipe("visualize")
+    assert visualize.WORLD_MASK_THRESHOLD == world["mask_threshold"]
+    help_text = visualize.VisualizeArguments.__dataclass_fields__["mask_threshold"].metadata["help"]
+    assert f"on the world, its config's ({world['mask_threshold']:g}, recipes/configs/world.yaml" in help_text
+    seen = {}
+
+    def grid(*args, **kwargs):
+        seen.update(kwargs)
+        return Image.new("RGB", (8, 8))
+
+    monkeypatch.setattr(visualize, "model_counterfactual_grid", grid)
+    visualize.main(["--num_images", "2", "--output_file", str(tmp_path / "w.png"), "--device", "cpu"])
+    assert seen["threshold"] == world["mask_threshold"]  # before: the paper's 0.3 on the world too
+    visualize.main(["--num_images", "2", "--output_file", str(tmp_path / "p.png"), "--device", "cpu",
+                    "--mask_threshold", "0.3"])  # fmt: skip
+    assert seen["threshold"] == 0.3
+
+
+# ---- the main table names this run by its method and beta, next to vanilla FT ----
+
+
+def test_the_results_table_names_this_runs_method_and_beta_next_to_vanilla_ft(tmp_path, capsys):
+    from _builders import save_tiny_clip, write_imagefolder
+    from test_error_path import _recipe
+
+    from hf_cfft.cli.script_args import run_label
+
+    clip, images = save_tiny_clip(tmp_path / "clip"), write_imagefolder(tmp_path / "images", ("train", "test"), 2)
+    argv = [
+        "--model_name_or_path", str(clip), "--dataset_name", str(images), "--output_dir", str(tmp_path / "run"),
+        "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--report_to", "none",
+        "--save_strategy", "no", "--eval_splits", "test", "--templates", "simple", "--compare_with_vanilla", "true",
+        "--distill_weight", "3",
+    ]  # fmt: skip
+    _recipe().main(argv)
+    out = capsys.readouterr().out
+    assert "| vanilla FT (beta 0) |" in out and "| CFFT object/single (beta 3), this run |" in out
+    assert "| CFFT object/single (beta 3), this run |" in (tmp_path / "run" / "eval_results.md").read_text()
+    assert "fine-tuned" in json.loads((tmp_path / "run" / "eval_results.json").read_text())  # the key stays
+    kwargs = {"output_dir": str(tmp_path / "x"), "use_cpu": True}
+    assert (
+        run_label(CfftConfig(**kwargs, mask_kind="none", fill_kind="none", distill_weight=1))
+        == "FT+FD (beta 1), this run"
+    )
+    assert run_label(CfftConfig(**kwargs, mask_kind="none", fill_kind="none", distill_target="logits")) == (
+        "FT+KD (beta 30), this run"
+    )
+    assert run_label(CfftConfig(**kwargs, distill_weight=0, mask_kind="none", fill_kind="none")) == (
+        "vanilla FT (beta 0), this run"
+    )

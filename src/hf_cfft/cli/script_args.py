@@ -594,10 +594,32 @@ def evaluate_kwargs(data_args: DataArguments, batch_size: int, device: torch.dev
     )
 
 
-def write_results(results: Mapping, output_dir: str, data_args: DataArguments, stem: str = "results") -> str:
-    """``<stem>.json`` and ``<stem>.md`` in ``output_dir``; returns the markdown table (accuracies in %)."""
+def write_results(
+    results: Mapping, output_dir: str, data_args: DataArguments, stem: str = "results", row_names=None
+) -> str:
+    """``<stem>.json`` and ``<stem>.md`` in ``output_dir``; returns the markdown table (accuracies in %).
+
+    ``row_names`` renames rows in the table only (the JSON keeps its keys, e.g. "fine-tuned").
+    """
     columns = [*data_args.eval_splits] + (["ood_avg"] if data_args.ood_splits else [])
-    return write_report(output_dir, results, results_table(results, columns), title="Top-1 accuracy (%)", stem=stem)
+    shown = {(row_names or {}).get(name, name): values for name, values in results.items()}
+    return write_report(output_dir, results, results_table(shown, columns), title="Top-1 accuracy (%)", stem=stem)
+
+
+def run_label(args) -> str:
+    """The method and strength a fine-tuning run's ``args`` train, for its row of the results table."""
+    beta = float(getattr(args, "distill_weight", 0.0))
+    if getattr(args, "method", "") == "flyp":
+        name = "FLYP"
+    elif getattr(args, "linear_probe", False):
+        name = "linear probe"
+    elif beta == 0:
+        name = "vanilla FT (beta 0)"
+    elif args.mask_kind == "none":
+        name = f"{'FT+KD' if args.distill_target == 'logits' else 'FT+FD'} (beta {beta:g})"
+    else:
+        name = f"CFFT {args.mask_kind}/{args.fill_kind} (beta {beta:g})"
+    return f"{name}, this run"
 
 
 def resolve_device(name: str | None) -> torch.device:
