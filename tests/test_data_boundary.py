@@ -275,3 +275,14 @@ def test_integer_labels_of_an_eval_split_are_checked_by_the_library_too(tiny_cla
     split = Dataset.from_dict({"image": images, "label": [0, -1]}, features=features)
     with pytest.raises(ValueError, match=r"split 'hidden' has label\(s\) -1 outside the model's classes 0\.\.2"):
         evaluate_splits(tiny_classifier, {"hidden": split}, tiny_image_processor())
+
+
+def test_hidden_folders_and_files_are_let_be_as_the_builder_skips_them(tmp_path):
+    root = tmp_path / "images"
+    for name in ("cat", "dog"):
+        _image(root / "train" / name / "0.png")
+    _image(root / "train" / ".ipynb_checkpoints" / "x.png")  # a notebook's folder beside the classes
+    _image(root / "train" / "cat" / ".ipynb_checkpoints" / "y.png")  # and inside one
+    _image(root / "train" / "cat" / "._0.png")  # a macOS resource fork
+    train, _ = load_train_and_eval_splits(DataArguments(dataset_name=str(root)), seed=0)
+    assert train.features["label"].names == ["cat", "dog"] and len(train) == 2

@@ -23,8 +23,12 @@ METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 LAYOUT = "<dir>/<split>/<class>/<image>"
 
 
+def _hidden(name: str) -> bool:
+    return name.startswith((".", "__"))  # the imagefolder builder skips these too (.ipynb_checkpoints, __MACOSX)
+
+
 def _images_in(folder: str) -> list[str]:
-    return [name for name in os.listdir(folder) if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+    return [n for n in os.listdir(folder) if not _hidden(n) and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
 
 
 def _listing(names: Sequence[str], limit: int = 5) -> str:
@@ -45,7 +49,7 @@ def check_image_folder(root: str, splits: Sequence[str]) -> None:
         entries = os.listdir(folder)
         if any(name in entries for name in METADATA_FILES):
             continue  # labels come from the metadata's columns (--label_column), not from folders
-        classes = sorted(name for name in entries if os.path.isdir(os.path.join(folder, name)))
+        classes = sorted(n for n in entries if not _hidden(n) and os.path.isdir(os.path.join(folder, n)))
         loose = _images_in(folder)
         if not classes and not loose:
             raise ValueError(
@@ -65,7 +69,7 @@ def check_image_folder(root: str, splits: Sequence[str]) -> None:
             )
         for name in classes:
             inner = os.path.join(folder, name)
-            nested = sorted(sub for sub in os.listdir(inner) if os.path.isdir(os.path.join(inner, sub)))
+            nested = sorted(s for s in os.listdir(inner) if not _hidden(s) and os.path.isdir(os.path.join(inner, s)))
             if nested:
                 raise ValueError(
                     f"class folder {inner} holds folders ({_listing(nested)}) instead of only images: an ImageFolder "
