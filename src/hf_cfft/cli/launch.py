@@ -8,6 +8,7 @@ writes the same output files, and nothing fails. `refuse_a_lone_launch` turns th
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 
@@ -103,6 +104,18 @@ def stop_the_launcher(environ=os.environ) -> bool:
 
     if environ.get("HF_CFFT_TRACEBACK") or not _launched_by_accelerate(environ):
         return False
+    import time
+
+    # accelerate's plain launcher copies this process's stderr through a pipe: close it, so that the launcher reads
+    # the message to its end, and give it a moment to write it out before it is asked to stop (a signal that
+    # arrives between its read and its write would drop the message).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.close(2)
+    except OSError:
+        pass
+    time.sleep(1.0)
     try:
         os.kill(os.getppid(), signal.SIGTERM)
     except OSError:
