@@ -9,6 +9,9 @@ Every CfftConfig / TrainingArguments field is a flag; see `--help`.
 
 from __future__ import annotations
 
+import hf_cfft_help  # noqa: F401  (first: --help from its cache, before the library loads)
+
+# isort: split
 import copy
 import dataclasses
 import sys
@@ -35,6 +38,7 @@ from hf_cfft.cli.script_args import (
     flag_value,
     load_train_and_eval_splits,
     parse_with_config,
+    run_label,
     run_recipe,
     write_results,
 )
@@ -89,7 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.process_index == 0:
         print(f"Config: {config} (flags override it)" if config else "Config: none (CfftConfig defaults + flags)")
     model_args.model_name_or_path = default_model(model_args.model_name_or_path, data_args.dataset_name)
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, args=args)
+    if resume is not None and args.process_index == 0:
+        print(f"Resuming from {resume}")
     # Before hours of data loading and CAMs: a file, a read-only folder, another kind of output, the user's own files
     # or a run already writing there are refused; the folder stays locked until this run ends.
     with OutputFolder(
@@ -176,7 +182,7 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume) -> dict:
         results["fine-tuned"] = evaluate_splits(tuned, splits, eval_processor, **evaluate_kwargs)
         trainer.eval_results = results
         if trainer.is_world_process_zero():
-            write_results(results, args.output_dir, data_args, stem="eval_results")
+            write_results(results, args.output_dir, data_args, stem="eval_results", row_names=_row_names(args))
     # After evaluation, so the model card (and a --push_to_hub upload) carries the results table.
     trainer.save_model(args.output_dir)
     if vanilla_start is not None:
@@ -187,7 +193,7 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume) -> dict:
             trainer.eval_results = results
             trainer.create_model_card()  # the card's table gains the vanilla row
     if splits and trainer.is_world_process_zero():
-        table = write_results(results, args.output_dir, data_args, stem="eval_results")
+        table = write_results(results, args.output_dir, data_args, stem="eval_results", row_names=_row_names(args))
         print("\nTop-1 accuracy (%)\n" + table + _ood_summary(results, args))
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
@@ -220,6 +226,10 @@ def _with_vanilla_row(results, start_model, args, train, splits, processors, eva
     ordered[VANILLA_ROW] = row
     ordered["fine-tuned"] = results["fine-tuned"]
     return ordered
+
+
+def _row_names(args: CfftConfig) -> dict[str, str]:
+    return {"fine-tuned": run_label(args)}  # the table names this run's method and beta, next to "vanilla FT"
 
 
 def _ood_summary(results: dict, args: CfftConfig) -> str:
