@@ -20,6 +20,9 @@ docs/choosing_a_method.md.
 
 from __future__ import annotations
 
+import hf_cfft_help  # noqa: F401  (first: --help from its cache, before the library loads)
+
+# isort: split
 import functools
 import os
 import sys
@@ -30,6 +33,7 @@ import torch
 from hf_cfft.cli.compare import parse_compare_args, run_compare
 from hf_cfft.cli.compare_grid import parse_shard
 from hf_cfft.cli.finetune import finetune, parse_finetune_args
+from hf_cfft.cli.script_args import run_recipe
 from hf_cfft.output_folder import LOCK_NAME, OutputFolder
 
 # What recipes/finetune.py runs with no --config on the embedded world: every training cell is that job, in this
@@ -55,4 +59,4 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
 
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    main()
+    run_recipe(main)

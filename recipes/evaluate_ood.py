@@ -14,6 +14,9 @@ Writes results.json, results.md and effective_robustness.png to --output_dir. Se
 
 from __future__ import annotations
 
+import hf_cfft_help  # noqa: F401  (first: --help from its cache, before the library loads)
+
+# isort: split
 import os
 import sys
 from dataclasses import dataclass, field

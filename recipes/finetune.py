@@ -9,6 +9,9 @@ Every CfftConfig / TrainingArguments field is a flag; see `--help`. The job is `
 
 from __future__ import annotations
 
+import hf_cfft_help  # noqa: F401  (first: --help from its cache, before the library loads)
+
+# isort: split
 import sys
 from pathlib import Path
 

@@ -17,6 +17,9 @@ compatible path is about 4x slower than its default on these tiny matrices.
 
 from __future__ import annotations
 
+import hf_cfft_help  # noqa: F401  (first: --help from its cache, before the library loads)
+
+# isort: split
 import os
 import sys
 

@@ -3,6 +3,9 @@
 python recipes/push_to_hub.py --model_dir outputs/world_cfft --repo_id you/clip-cfft-world
 """
 
+import hf_cfft_help  # noqa: F401  (first: --help from its cache, before the library loads)
+
+# isort: split
 from hf_cfft.release.push import PushArguments, main
 
 __all__ = ["PushArguments", "main"]

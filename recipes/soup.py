@@ -17,6 +17,9 @@ written to <output_dir>/greedy_soup.json.
 
 from __future__ import annotations
 
+import hf_cfft_help  # noqa: F401  (first: --help from its cache, before the library loads)
+
+# isort: split
 import json
 import os
 import sys
@@ -101,6 +104,11 @@ def _make_soup(args: SoupArguments, data_args: DataArguments) -> dict:
         record |= {"ingredients_held_out": chosen.ingredient_scores, "tried": chosen.tried}
         with open(os.path.join(args.output_dir, "greedy_soup.json"), "w") as f:
             json.dump(record, f, indent=2)
+        split = args.held_out_split
+        for path, score in chosen.ingredient_scores.items():
+            print(f"held-out {split} accuracy of {path}: {score:.2f} %")
+        for path, score, kept in chosen.tried:
+            print(f"  soup with {path}: {score:.2f} % -> {'kept' if kept else 'left out'}")
         print(f"Greedy soup of {len(chosen.chosen)} / {len(ingredients)}: {', '.join(chosen.chosen)}")
     else:
         soup = uniform_soup(ingredients, names=args.models)

@@ -12,10 +12,15 @@ or a saved classifier (e.g. a fine-tuned model, to see where its evidence moved)
 
 from __future__ import annotations
 
+import hf_cfft_help  # noqa: F401  (first: --help from its cache, before the library loads)
+
+# isort: split
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoImageProcessor
 
 from hf_cfft import load_classifier, load_templates, preprocess_images
@@ -32,6 +37,10 @@ from hf_cfft.cli.sources import WORLD, class_names_for, load_image_splits
 from hf_cfft.masking import FILL_KINDS
 from hf_cfft.output_folder import check_output_file, save_png
 from hf_cfft.visualize import VIS_MASK_KINDS, model_counterfactual_grid
+
+WORLD_CONFIG = Path(__file__).parent / "configs" / "world.yaml"
+WORLD_MASK_THRESHOLD = float(yaml.safe_load(WORLD_CONFIG.read_text())["mask_threshold"])
+PAPER_MASK_THRESHOLD = 0.3
 
 # What a finetune YAML may lend besides the dataset keys: the picture should show the masks that run would use.
 _METHOD_KEYS = {"mask_threshold", "mask_ratio", "cam_method"}
@@ -57,7 +66,14 @@ class VisualizeArguments:
     )
     mask_kinds: list[str] = field(default_factory=lambda: list(VIS_MASK_KINDS), metadata={"help": "Mask columns."})
     fill_kinds: list[str] = field(default_factory=lambda: list(FILL_KINDS), metadata={"help": "Fill columns."})
-    mask_threshold: float = field(default=0.3, metadata={"help": "CAM threshold of object/context masks."})
+    mask_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "CAM threshold of object/context masks. Default: on the world, its config's "
+            f"({WORLD_MASK_THRESHOLD:g}, recipes/configs/world.yaml: what the main job trains with); else the paper's "
+            f"{PAPER_MASK_THRESHOLD:g}."
+        },
+    )
     mask_ratio: float = field(default=0.5, metadata={"help": "Masked fraction of random masks."})
     cam_method: str = field(default="rollout", metadata={"help": "'rollout' or 'gradcam'."})
     seed: int = field(default=0, metadata={"help": "Seed of random masks, refill donors and the world's splits."})
@@ -74,6 +90,8 @@ def main(argv: list[str] | None = None) -> str:
         raise ValueError(f"--num_images={args.num_images} must be >= 1")
     check_output_file(args.output_file)  # before the model and the images are loaded
     on_world = data_args.dataset_name == WORLD
+    if args.mask_threshold is None:
+        args.mask_threshold = WORLD_MASK_THRESHOLD if on_world else PAPER_MASK_THRESHOLD
     args.model_name_or_path = default_model(args.model_name_or_path, data_args.dataset_name)
     dataset = load_image_splits(
         data_args.dataset_name, [args.split], dataset_config=data_args.dataset_config, data_dir=data_args.data_dir,

@@ -15,6 +15,9 @@ The dataset flags are recipes/finetune.py's; --config reads them (and templates,
 
 from __future__ import annotations
 
+import hf_cfft_help  # noqa: F401  (first: --help from its cache, before the library loads)
+
+# isort: split
 import os
 import sys
 from dataclasses import dataclass, field

@@ -11,6 +11,9 @@ names come from --class_names or the dataset's ClassLabel (first eval split, els
 
 from __future__ import annotations
 
+import hf_cfft_help  # noqa: F401  (first: --help from its cache, before the library loads)
+
+# isort: split
 import sys
 from dataclasses import dataclass, field
 

@@ -264,3 +264,82 @@ def test_baseline_configs_set_their_knobs(finetune):
     _, _, world_default, _ = _parse(finetune, "../world.yaml")
     assert (cfft.mask_kind, cfft.fill_kind) == ("object", "single")
     assert cfft.distill_weight == world_default.distill_weight == fd.distill_weight
+
+
+# ---- issue 24: the recorded pre-trained model, not only the shapes ----
+
+
+def _refused_recipe(name: str, argv: list[str], capsys) -> str:
+    from hf_cfft.cli.script_args import run_recipe
+
+    module = _recipe(name)
+    with pytest.raises(SystemExit) as stop:
+        run_recipe(lambda: module.main(argv))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("error: ") == 1 and "Traceback" not in err, err
+    return " ".join(err[err.index("error: ") :].split())
+
+
+@pytest.fixture
+def two_bases(tiny_image_processor, tmp_path):
+    """Two tiny CLIPs of the same shapes but other weights, a copy of the first elsewhere, a fine-tuning of each."""
+    import shutil
+
+    clips = [save_tiny_clip(tmp_path / f"clip{seed}", seed=seed) for seed in (0, 1)]
+    copy_of_first = Path(shutil.copytree(clips[0], tmp_path / "moved" / "clip0"))
+    tuned = []
+    for i, clip in enumerate(clips):
+        zero_shot = load_classifier(str(clip), class_names=CLASSES, templates=load_templates("simple"))
+        tuned.append(_save(_perturbed(zero_shot, seed=i + 5), tiny_image_processor, tmp_path / f"ft{i}"))
+    return clips, copy_of_first, tuned
+
+
+def test_a_classifier_records_the_pretrained_model_it_was_built_from(two_bases):
+    clips, copy_of_first, tuned = two_bases
+    records = [json.loads((path / "config.json").read_text())["hf_cfft_base_model"] for path in tuned]
+    assert records[0]["name_or_path"] == str(clips[0]) and records[0]["fingerprint"] != records[1]["fingerprint"]
+    again = load_classifier(str(copy_of_first), class_names=CLASSES, templates=load_templates("simple"))
+    assert again.config.hf_cfft_base_model["fingerprint"] == records[0]["fingerprint"]  # a moved folder still matches
+
+
+def test_wise_ft_refuses_a_zero_shot_end_of_another_pretrained_model(two_bases, tmp_path, capsys):
+    clips, copy_of_first, tuned = two_bases
+    args = ["--templates", "simple", "--fine_tuned_model", str(tuned[0]), "--alphas", "0.5", "--save_models",
+            "--device", "cpu"]  # fmt: skip
+    err = _refused_recipe(
+        "wise_ft", ["--zero_shot_model", str(clips[1]), *args, "--output_dir", str(tmp_path / "w")], capsys
+    )
+    assert (
+        f"the zero-shot model was built from the pre-trained model '{clips[1]}' but the fine-tuned model from " in err
+    )
+    assert "whose weights differ" in err and "--zero_shot_model" in err
+    assert not (tmp_path / "w" / "alpha_0.50").exists()
+    # the same checkpoint moved to another folder is the same pre-trained model
+    _recipe("wise_ft").main(["--zero_shot_model", str(copy_of_first), *args, "--output_dir", str(tmp_path / "ok")])
+    assert (tmp_path / "ok" / "alpha_0.50" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("greedy", [False, True], ids=["uniform", "greedy"])
+def test_soups_refuse_ingredients_of_two_pretrained_models(two_bases, images, tmp_path, capsys, greedy):
+    _, _, tuned = two_bases
+    extra = ["--greedy", "--held_out_split", "test", "--dataset_name", str(images)] if greedy else []
+    argv = ["--models", *map(str, tuned), "--output_dir", str(tmp_path / "soup"), "--device", "cpu", *extra]
+    err = _refused_recipe("soup", argv, capsys)
+    assert f"{tuned[0]} was built from the pre-trained model" in err and "whose weights differ" in err
+    assert not (tmp_path / "soup" / "model.safetensors").exists()
+
+
+def test_the_greedy_soup_prints_each_candidates_held_out_accuracy(
+    pair, tiny_image_processor, images, tmp_path, capsys
+):
+    dirs = [str(_save(m, tiny_image_processor, tmp_path / f"run{i}")) for i, m in enumerate(pair)]
+    _recipe("soup").main([
+        "--models", *dirs, "--greedy", "--held_out_split", "test", "--dataset_name", str(images), "--output_dir",
+        str(tmp_path / "soup"), "--device", "cpu",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    record = json.loads((tmp_path / "soup" / "greedy_soup.json").read_text())
+    for path, score in record["ingredients_held_out"].items():
+        assert f"held-out test accuracy of {path}: {score:.2f} %" in out
+    ((tried, score, kept),) = record["tried"]
+    assert f"  soup with {tried}: {score:.2f} % -> {'kept' if kept else 'left out'}" in out

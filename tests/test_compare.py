@@ -360,3 +360,76 @@ def test_the_shipped_adaptation_report_and_claims_are_what_compare_and_the_claim
     assert table in (ADAPTATION_FRONTIER.parent / "claims.md").read_text()
     # Every claim of issue 21 has a line, answered or saying which rows it waits for.
     assert all(claim in table for claim, *_ in claims.CLAIMS)
+
+
+# ---- issue 24: rows carry their configuration; a changed one is refused; a cut-off row is run again ----
+
+
+def _hash(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_rows_carry_the_cells_configuration_and_a_changed_one_is_refused(workspace, tmp_path, capsys):
+    from hf_cfft.cli.script_args import run_recipe
+
+    clip, images = workspace
+    out = tmp_path / "cmp"
+    base = ["--output_dir", str(out), *_finetune_flags(clip, images), "--learning_rate", "1e-3"]
+    _recipe().main(["--methods", "ft", "--seeds", "0", *base])
+    (row,) = read_rows(out)
+    config = row["config"]
+    assert config["shared"]["data"]["dataset_name"] == str(images) and config["shared"]["data"]["ood_splits"] == [
+        "ood"
+    ]
+    assert config["shared"]["model"]["model_name_or_path"] == str(clip)
+    assert config["shared"]["training"]["learning_rate"] == 1e-3 and config["shared"]["training"]["max_steps"] == 2
+    assert config["method"]["flags"] == list(METHODS["ft"].flags)
+    before = _hash(out / "rows.jsonl")
+
+    # another learning rate into the same folder: refused, naming the change; the rows untouched
+    changed = [arg if arg != "1e-3" else "5e-4" for arg in base]
+    with pytest.raises(SystemExit) as stop:
+        run_recipe(lambda: _recipe().main(["--methods", "ft", "--seeds", "0", *changed]))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err and err.count("error: ") == 1
+    assert "holds rows made with another configuration than this run's: training.learning_rate: 0.001 -> 0.0005" in err
+    assert "(1 row(s), e.g. vanilla FT|0|2 steps|0)" in err
+    assert _hash(out / "rows.jsonl") == before
+
+    # the same configuration with a new method and a new seed: only the new cells run
+    _recipe().main(["--methods", "zero_shot", "ft", "--seeds", "0", "1", *base])
+    assert "4 cells, 3 to run" in capsys.readouterr().out
+    assert len(read_rows(out)) == 4
+
+    # rows written before rows carried a configuration are accepted as they are
+    lines = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    (out / "rows.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "config"}) + "\n" for r in lines)
+    )
+    _recipe().main(["--methods", "zero_shot", "ft", "--seeds", "0", "1", *changed])
+    assert "4 cells, 0 to run" in capsys.readouterr().out
+
+
+def test_a_cut_off_last_row_is_named_skipped_and_its_cell_run_again(workspace, tmp_path, capsys, caplog):
+    clip, images = workspace
+    out = tmp_path / "cmp"
+    argv = ["--methods", "ft", "--seeds", "0", "1", "--output_dir", str(out), *_finetune_flags(clip, images)]
+    _recipe().main(argv)
+    rows_file = out / "rows.jsonl"
+    first, second = rows_file.read_text().splitlines()
+    rows_file.write_text(first + "\n" + second[: len(second) // 2])  # killed while writing the second row
+    capsys.readouterr()
+    with caplog.at_level("WARNING"):
+        _recipe().main(argv)
+    assert f"{rows_file}: removed its cut-off last row (kept in {rows_file}.cut-off)" in caplog.text
+    assert "2 cells, 1 to run" in capsys.readouterr().out  # the cut-off cell, again
+    assert sorted(row_key(r) for r in read_rows(out)) == ["vanilla FT|0|2 steps|0", "vanilla FT|0|2 steps|1"]
+    assert (out / "rows.jsonl.cut-off").read_text() == second[: len(second) // 2] + "\n"
+    # read alone (e.g. --summarize_only, or another shard's file), a cut-off last row is named and skipped
+    (out / "rows-1of2.jsonl").write_text(first[:40])
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert len(read_rows(out)) == 2
+    assert "rows-1of2.jsonl: its last row (line 1) is cut off" in caplog.text and "its cell runs again" in caplog.text

@@ -186,9 +186,10 @@ def _training(tmp_path, dataset=None, templates=TEMPLATES, **overrides) -> FlypT
     )  # fmt: skip
 
 
-def test_flyp_push_writes_and_uploads_no_pickle(tmp_path):
+def test_flyp_push_writes_and_uploads_no_pickle(tmp_path, monkeypatch):
     from unittest import mock
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the Hub is mocked; offline, --push_to_hub is refused up front
     hub, uploads = recording_hub("me/flyp")
     with (
         mock.patch("transformers.trainer.hf_api", return_value=hub),

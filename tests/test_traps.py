@@ -251,7 +251,8 @@ def test_fp16_on_a_cpu_is_refused_suggesting_bf16(tmp_path):
 # ---- 9. no pickles on disk or in any upload ----
 
 
-def test_no_training_args_pickle_is_written_or_pushed(tiny_classifier, tmp_path):
+def test_no_training_args_pickle_is_written_or_pushed(tiny_classifier, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the Hub is mocked; offline, --push_to_hub is refused up front
     out = tmp_path / "run"
     hub, uploads = recording_hub("me/run")
     with (
@@ -272,7 +273,8 @@ def test_no_training_args_pickle_is_written_or_pushed(tiny_classifier, tmp_path)
     )
 
 
-def test_hub_strategies_that_upload_optimizer_pickles_are_refused(tmp_path):
+def test_hub_strategies_that_upload_optimizer_pickles_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # offline, --push_to_hub is refused first (test_error_path.py)
     with pytest.raises(ValueError, match="hub_strategy='checkpoint' uploads checkpoint folders.*every_save or end"):
         CfftConfig(output_dir=str(tmp_path), push_to_hub=True, hub_strategy="checkpoint", hub_model_id="me/x")
 
@@ -350,6 +352,7 @@ def test_missing_model_folder_is_named_before_any_hub_lookup(tmp_path, monkeypat
     (tmp_path / "outputs").mkdir()
     with pytest.raises(FileNotFoundError, match=r"'outputs/world_lp_ft_stage1': no such folder .*LP-FT stage 1"):
         default_model("outputs/world_lp_ft_stage1", "world")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # offline, an uncached Hub id is refused (test_error_path.py)
     assert default_model("openai/clip-vit-base-patch32", "world") == "openai/clip-vit-base-patch32"  # a Hub id
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -68,6 +69,30 @@ def classifier_from_pretrained(
     return model
 
 
+# Where a classifier records the pre-trained checkpoint it was built from (its config.json, so every fine-tuning,
+# WiSE-FT and soup made from it carries the record along): weights can only be averaged between models of one.
+BASE_MODEL_KEY = "hf_cfft_base_model"
+
+
+def base_model_record(model_name_or_path: str, pretrained: PreTrainedModel) -> dict[str, str]:
+    """``{"name_or_path", "fingerprint"}`` of a pre-trained checkpoint, before any fine-tuning changes its weights.
+
+    The fingerprint hashes the image tower's first weight (the patch embedding: about 2 MB at ViT-B/16), so two
+    folders of one checkpoint match wherever they lie, and two pre-trained models with the same shapes do not.
+    """
+    name, tensor = next(iter(pretrained.vision_model.named_parameters()))
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(name.encode())
+    digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return {"name_or_path": str(model_name_or_path), "fingerprint": digest.hexdigest()}
+
+
+def recorded_base_model(model: PreTrainedModel) -> dict[str, str] | None:
+    """The `base_model_record` a classifier's config carries, or None (saved before hf_cfft recorded it)."""
+    record = getattr(model.config, BASE_MODEL_KEY, None)
+    return record if isinstance(record, dict) and record.get("fingerprint") else None
+
+
 # The name from before other families existed; it takes any supported family now.
 classifier_from_clip = classifier_from_pretrained
 
@@ -124,4 +149,6 @@ def load_classifier(
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
     weights, bias = build_zeroshot_head(pretrained, tokenizer, class_names, templates, show_progress=show_progress)
     check_zeroshot_head(weights, class_names, tokenizer, model_name_or_path)
-    return classifier_from_pretrained(pretrained, weights, class_names, head_bias=bias)
+    model = classifier_from_pretrained(pretrained, weights, class_names, head_bias=bias)
+    setattr(model.config, BASE_MODEL_KEY, base_model_record(model_name_or_path, pretrained))
+    return model

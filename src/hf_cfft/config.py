@@ -38,6 +38,19 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
 
 
+# Fields that count things: a float there (``per_device_train_batch_size: 2.5`` in a YAML) is refused up front.
+_INTEGER_FIELDS = (
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "cam_batch_size",
+    "max_steps", "seed", "dataloader_num_workers",
+)  # fmt: skip
+
+
+def _hub_is_off() -> bool:
+    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` as set now (huggingface_hub reads them once, at import)."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in ("1", "ON", "YES", "TRUE")
+
+
 @dataclass
 class CfftConfig(TrainingArguments):
     """Training arguments for `CfftTrainer`: the method's knobs, validated when the config is built."""
@@ -97,7 +110,13 @@ class CfftConfig(TrainingArguments):
         default="features",
         metadata={"help": "Distil 'features' (MSE of image embeddings, the paper) or 'logits' (KD with temperature)."},
     )
-    kd_temperature: float = field(default=1.0, metadata={"help": "Temperature of logit distillation (> 0)."})
+    kd_temperature: float = field(
+        default=10.0,
+        metadata={
+            "help": "Temperature of logit distillation (--distill_target logits, FT+KD; > 0). Default 10, the "
+            "reference implementation's FT+KD temperature (docs/fidelity.md); 1 is the plain KL."
+        },
+    )
     linear_probe: bool = field(
         default=False, metadata={"help": "Train only the linear head; the image encoder stays frozen."}
     )
@@ -218,6 +237,19 @@ class CfftConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        for name in _INTEGER_FIELDS:  # a YAML 2.5 or a library float: refused before the CAM pass and the data
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(
+                    f"{name}={value!r} must be a whole number (e.g. {name}={max(1, int(value or 0))}); got a "
+                    f"{type(value).__name__}"
+                )
+        if self.push_to_hub and _hub_is_off():
+            raise ValueError(
+                "--push_to_hub true needs the Hub, but it is switched off here (HF_HUB_OFFLINE=1): the upload would "
+                "fail after training. Train without --push_to_hub, then push the saved folder where there is network "
+                "(python -m hf_cfft.release.push --model_dir OUTPUT_DIR --repo_id you/name)"
+            )
         super().__post_init__()
         _choice("method", self.method, TRAINING_METHODS)
         if self.method == "flyp" and (self.distill_weight != 0 or self.linear_probe):

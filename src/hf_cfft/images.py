@@ -1,4 +1,10 @@
-"""Images in, pixel values out: decoding (naming a broken file), the checkpoint's preprocessing, label checks."""
+"""Images in, pixel values out: decoding (naming a broken file), the checkpoint's preprocessing, label checks.
+
+`load_image` is the one decode path of training, evaluation, the CAM pass and the pictures: an image is turned
+upright by its EXIF orientation tag (as ``datasets`` and the transformers pipeline do when they decode one) and
+converted to 8-bit RGB, a 16-bit image scaled to 0..255 rather than clipped (PIL's own ``convert("RGB")`` turns every
+value above 255 into 255).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,12 @@ import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+_ORIENTATION = 0x0112  # the EXIF tag
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def load_image(item: Any) -> Image.Image:
@@ -27,7 +37,22 @@ def load_image(item: Any) -> Image.Image:
             ) from error
     else:
         image = item
-    # CLIP expects 3 channels; grayscale, palette, CMYK and RGBA images are common in user folders.
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` upright (its EXIF orientation applied) as 8-bit RGB; 16-bit grey levels are scaled, not clipped.
+
+    CLIP expects 3 channels; grayscale, palette, CMYK, RGBA and 16-bit images are common in user folders. A 32-bit
+    integer image ("I") whose values exceed 255 is read as 16-bit (values above 65535 clip).
+    """
+    if image.getexif().get(_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        if image.mode in _SIXTEEN_BIT or values.max(initial=0) > 255:
+            values = values.clip(0, 65535) / 257.0
+        image = Image.fromarray(values.clip(0, 255).round().astype(np.uint8))
     return image.convert("RGB") if image.mode != "RGB" else image
 
 

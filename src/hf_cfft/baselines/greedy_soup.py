@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..modeling import CfftImageClassifier
-from .weight_averaging import uniform_soup
+from .weight_averaging import check_compatible, uniform_soup
 
 
 @dataclass
@@ -63,6 +63,7 @@ def greedy_soup(
     names = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
     if len(names) != len(models):
         raise ValueError(f"got {len(names)} names for {len(models)} models")
+    check_compatible(dict(zip(names, models)))  # before any scoring: one ingredient of another base fails them all
     scores = [float(score(model)) for model in models]
     order = sorted(range(len(models)), key=lambda i: -scores[i])
     chosen = [order[0]]

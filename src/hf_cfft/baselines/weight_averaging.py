@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..build import recorded_base_model
 from ..modeling import CfftImageClassifier
 
 # Config fields that decide the computation (not just the tensor shapes): two models that differ in any of them
@@ -56,7 +57,8 @@ def _short(names: list[str], limit: int = 8) -> str:
 
 
 def check_compatible(models: Mapping[str, torch.nn.Module]) -> None:
-    """Raise ValueError unless every model has the first one's architecture and class list (same names, same order).
+    """Raise ValueError unless every model has the first one's architecture, class list (same names, same order) and
+    recorded pre-trained model (`hf_cfft.build.recorded_base_model`; a model saved before the record is let be).
 
     ``models`` maps a name used in the message (e.g. "zero-shot", a folder) to a `CfftImageClassifier`.
     """
@@ -76,6 +78,15 @@ def check_compatible(models: Mapping[str, torch.nn.Module]) -> None:
             raise ValueError(
                 f"{ref_name} and {name} have different architectures ({detail}); weights can only be averaged "
                 "between fine-tunings of the same pre-trained model"
+            )
+        ref_base, base = recorded_base_model(ref), recorded_base_model(model)
+        if ref_base and base and ref_base["fingerprint"] != base["fingerprint"]:
+            raise ValueError(
+                f"{ref_name} was built from the pre-trained model {ref_base['name_or_path']!r} but {name} from "
+                f"{base['name_or_path']!r}, whose weights differ (fingerprints {ref_base['fingerprint']} vs "
+                f"{base['fingerprint']}): averaging fine-tunings of two pre-trained models gives a broken model even "
+                "when every shape matches. Average only models fine-tuned from one pre-trained checkpoint (WiSE-FT: "
+                "pass the checkpoint the fine-tuning started from as --zero_shot_model)"
             )
         classes = class_names(model)
         if classes != ref_classes:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..evaluation.frontier import append_row, read_rows, row_key, write_frontier_report
+from ..evaluation.frontier import append_row, drop_cut_off_row, read_rows, row_key, write_frontier_report
+from .compare_config import cell_configuration, check_rows_configuration, shared_configuration
 from .compare_grid import (
     METHODS,
     Cell,
@@ -201,7 +202,13 @@ def run_compare(
                 for other in needed:
                     dependents.setdefault(other.id, []).append(cell.id)
 
-    done = {row_key(r) for r in read_rows(output_dir)}
+    if main_process and not args.summarize_only:
+        drop_cut_off_row(rows_path)  # rows are appended after it: a cut-off one would swallow the next row
+    existing = read_rows(output_dir)
+    # Every row carries its cell's configuration; rows made with another one are refused, before any run.
+    shared = shared_configuration(model_args, data_args, base)
+    check_rows_configuration(existing, shared, cells, registry, str(output_dir))
+    done = {row_key(r) for r in existing}
     if not args.summarize_only:
         ctx = _Context(output_dir, data_args, model_args, base.per_device_eval_batch_size,
                        torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")),
@@ -225,7 +232,7 @@ def run_compare(
                 continue
             if main_process:
                 if cell.id not in done:
-                    append_row(rows_path, row)
+                    append_row(rows_path, {**row, "config": cell_configuration(cell, shared, registry)})
                     done.add(cell.id)
                 r = row["results"]
                 report(f"[{cell.id}] {row['seconds']:.0f} s: {id_split} {r.get(id_split, float('nan')):.1f}, "

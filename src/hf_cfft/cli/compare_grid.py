@@ -58,7 +58,10 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "lp_ft": MethodSpec("LP-FT", flags=("--distill_weight", "0", *NO_MASK), init_from="lp"),
     "ft_fd": MethodSpec("FT+FD", flags=NO_MASK, strength="beta"),
-    "ft_kd": MethodSpec("FT+KD", flags=(*NO_MASK, "--distill_target", "logits"), strength="beta"),
+    # The reference's FT+KD temperature (CfftConfig's default too), named so that the cell says where it comes from.
+    "ft_kd": MethodSpec(
+        "FT+KD", flags=(*NO_MASK, "--distill_target", "logits", "--kd_temperature", "10"), strength="beta"
+    ),
     "cfft": MethodSpec("CFFT object/single", flags=(*_CFFT, "single"), strength="beta"),
     "cfft_multi": MethodSpec("CFFT object/multi", flags=(*_CFFT, "multi"), strength="beta"),
     "cfft_nofill": MethodSpec("CFFT object/none", flags=(*_CFFT, "none"), strength="beta"),
@@ -130,7 +133,13 @@ class CompareArguments:
             "rows-<i>of<n>.jsonl (run n processes with i = 0..n-1; then one unsharded run for the cells left)."
         },
     )
-    device: str | None = field(default=None, metadata={"help": "Device of the post-hoc evaluations (default: cuda)."})
+    device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Device of the cells compare scores itself (zero-shot, WiSE-FT, soups); default: cuda when "
+            "available, else cpu. The training runs take finetune's flags (e.g. --use_cpu true)."
+        },
+    )
 
 
 def parse_shard(value: str) -> tuple[int, int]:
@@ -195,6 +204,18 @@ def _flags(mapping: Mapping) -> list[str]:
     return out
 
 
+COMPARE_DESCRIPTION = (
+    "Run several robust fine-tuning methods at a few strengths and seeds and draw the ID/OOD trade-off. The flags "
+    "below are compare's own; every other flag (e.g. --model_name_or_path, --dataset_name, --learning_rate, "
+    "--max_steps, --use_cpu) passes through to every recipes/finetune.py run: see python recipes/finetune.py --help."
+)
+COMPARE_CONFIG_HELP = (
+    "A YAML of compare's own keys (output_dir, betas, seeds, ...), 'methods' (method keys, or full entries with a "
+    "'key' that define new methods) and 'finetune_args' (a mapping of finetune flags every run gets); flags given on "
+    "the command line override it. E.g. recipes/configs/compare/world_frontier.yaml."
+)
+
+
 def parse_compare_args(argv: Sequence[str]) -> tuple[CompareArguments, dict[str, MethodSpec], list[str]]:
     """(compare's flags, the method registry with --config's own methods, the flags for every fine-tuning run).
 
@@ -202,7 +223,12 @@ def parse_compare_args(argv: Sequence[str]) -> tuple[CompareArguments, dict[str,
     ``finetune_args`` (a mapping of recipes/finetune.py flags); CLI flags override it.
     """
     argv, registry, finetune_args = list(argv), dict(METHODS), []
-    parser = HfArgumentParser((CompareArguments,), allow_abbrev=False)  # "--seed" is finetune's, not "--seeds"
+    parser = HfArgumentParser((CompareArguments,), allow_abbrev=False, description=COMPARE_DESCRIPTION)
+    # ("--seed" is finetune's, not an abbreviation of "--seeds".) --config is read below; listed here for --help.
+    parser.add_argument("--config", metavar="FILE", default=None, help=COMPARE_CONFIG_HELP)
+    for action in parser._actions:
+        if action.dest == "keep_models" and "--no_keep_models" in action.option_strings:
+            action.help = "The same as --keep_models false: delete each trained model once nothing still needs it."
     if "--config" in argv:
         at = argv.index("--config")
         if at + 1 >= len(argv):
@@ -210,7 +236,13 @@ def parse_compare_args(argv: Sequence[str]) -> tuple[CompareArguments, dict[str,
         path, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path!r} does not exist")
-        config = yaml.safe_load(Path(path).read_text()) or {}
+        text = Path(path).read_text()
+        try:
+            config = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            from .script_args import yaml_error_message
+
+            raise ValueError(yaml_error_message(path, text, error)) from None
         names = []
         for entry in config.pop("methods", []) or []:
             if isinstance(entry, Mapping):
@@ -227,7 +259,8 @@ def parse_compare_args(argv: Sequence[str]) -> tuple[CompareArguments, dict[str,
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} in {path}; it takes {own}, methods and finetune_args")
         parser.set_defaults(**config)
-    args, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    *outputs, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    args = outputs[0]
     parse_shard(args.shard)
     unknown = [m for m in args.methods if m not in registry]
     if unknown:

@@ -34,6 +34,7 @@ from .script_args import (
     flag_value,
     load_train_and_eval_splits,
     parse_with_config,
+    run_label,
     write_results,
 )
 from .sources import WORLD, class_names_for
@@ -88,7 +89,9 @@ def finetune(argv: list[str], *, default_config: str | Path | None = None) -> di
     if args.process_index == 0:
         print(f"Config: {config} (flags override it)" if config else "Config: none (CfftConfig defaults + flags)")
     model_args.model_name_or_path = default_model(model_args.model_name_or_path, data_args.dataset_name)
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, args=args)
+    if resume is not None and args.process_index == 0:
+        print(f"Resuming from {resume}")
     # Before hours of data loading and CAMs: a file, a read-only folder, another kind of output, the user's own files
     # or a run already writing there are refused; the folder stays locked until this run ends.
     with OutputFolder(
@@ -175,7 +178,7 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume) -> dict:
         results["fine-tuned"] = evaluate_splits(tuned, splits, eval_processor, **evaluate_kwargs)
         trainer.eval_results = results
         if trainer.is_world_process_zero():
-            write_results(results, args.output_dir, data_args, stem="eval_results")
+            write_results(results, args.output_dir, data_args, stem="eval_results", row_names=_row_names(args))
     # After evaluation, so the model card (and a --push_to_hub upload) carries the results table.
     trainer.save_model(args.output_dir)
     if vanilla_start is not None:
@@ -186,7 +189,7 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume) -> dict:
             trainer.eval_results = results
             trainer.create_model_card()  # the card's table gains the vanilla row
     if splits and trainer.is_world_process_zero():
-        table = write_results(results, args.output_dir, data_args, stem="eval_results")
+        table = write_results(results, args.output_dir, data_args, stem="eval_results", row_names=_row_names(args))
         print("\nTop-1 accuracy (%)\n" + table + _ood_summary(results, args))
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
@@ -219,6 +222,10 @@ def _with_vanilla_row(results, start_model, args, train, splits, processors, eva
     ordered[VANILLA_ROW] = row
     ordered["fine-tuned"] = results["fine-tuned"]
     return ordered
+
+
+def _row_names(args: CfftConfig) -> dict[str, str]:
+    return {"fine-tuned": run_label(args)}  # the table names this run's method and beta, next to "vanilla FT"
 
 
 def _ood_summary(results: dict, args: CfftConfig) -> str:

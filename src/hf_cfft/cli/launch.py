@@ -8,6 +8,7 @@ writes the same output files, and nothing fails. `refuse_a_lone_launch` turns th
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 
@@ -52,3 +53,71 @@ def refuse_a_lone_launch(environ=os.environ, parent_argv: Sequence[str] | None =
             "with --use_cpu on CPUs), or use recipes/accelerate/multi_node.yaml; --num_processes counts the "
             "processes of all machines together (2 machines x 1 process: --num_processes 2 --num_machines 2)."
         )
+
+
+# ---- a handled error under a launcher: printed once, and no launcher traceback after it ----
+
+
+def _launched_by_accelerate(environ=os.environ) -> bool:
+    """Whether this process's parent is `accelerate launch` (its plain launcher, or the torchrun agent it runs)."""
+    if not any(key.startswith("ACCELERATE_") for key in environ):
+        return False
+    argv = _launcher_argv(os.getppid())
+    # `accelerate launch ...` (the console script) or `python -m accelerate.commands.launch ...`
+    return any(part.endswith("accelerate.commands.launch") for part in argv[:3]) or (
+        any(os.path.basename(part) == "accelerate" for part in argv[:2]) and "launch" in argv[1:3]
+    )
+
+
+def first_to_report(message: str, environ=os.environ) -> bool:
+    """Whether this process is the first of its launch to report ``message`` (one process: always).
+
+    The processes of one launch that fail with the same message (a bad flag fails them all) share a marker file named
+    by their launcher's process id, the rendezvous port and the message, created by the first one only.
+    """
+    if int(environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    import hashlib
+    import tempfile
+
+    digest = hashlib.blake2b(message.encode(), digest_size=8).hexdigest()
+    launch = f"{os.getppid()}-{environ.get('MASTER_PORT', '')}"
+    marker = os.path.join(tempfile.gettempdir(), f"hf_cfft-error-{launch}-{digest}")
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True  # no shared scratch folder: better twice than never
+    return True
+
+
+def stop_the_launcher(environ=os.environ) -> bool:
+    """After a handled error has been printed: stop `accelerate launch` so that it adds no traceback of its own.
+
+    accelerate turns any non-zero exit of the script into a ``CalledProcessError`` traceback that repeats the
+    script's stderr (torchrun: a ``ChildFailedError`` report); asked to stop by SIGTERM it shuts its processes down
+    and exits with status 143 instead, without a traceback. Only a parent that is `accelerate launch` is signalled;
+    returns whether one was.
+    """
+    import signal
+
+    if environ.get("HF_CFFT_TRACEBACK") or not _launched_by_accelerate(environ):
+        return False
+    import time
+
+    # accelerate's plain launcher copies this process's stderr through a pipe: close it, so that the launcher reads
+    # the message to its end, and give it a moment to write it out before it is asked to stop (a signal that
+    # arrives between its read and its write would drop the message).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.close(2)
+    except OSError:
+        pass
+    time.sleep(1.0)
+    try:
+        os.kill(os.getppid(), signal.SIGTERM)
+    except OSError:
+        return False
+    return True

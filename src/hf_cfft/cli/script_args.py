@@ -21,9 +21,10 @@ import yaml
 from datasets import Dataset
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..dataset_checks import check_columns, check_max_samples, check_train_classes, subset
 from ..evaluation import results_table, write_report
 from ..trainer import LostProcessError
-from .launch import refuse_a_lone_launch
+from .launch import first_to_report, refuse_a_lone_launch, stop_the_launcher
 from .sources import WORLD, class_names_of, load_image_splits
 
 # Keys a fine-tuning YAML lends to the post-hoc recipes (WiSE-FT, soups, zero-shot, pictures): the data and the
@@ -67,8 +68,19 @@ class DataArguments:
     ood_splits: list[str] = field(default_factory=list, metadata={"help": "Which eval splits are OOD (averaged)."})
     image_column: str = field(default="image", metadata={"help": "Image column name."})
     label_column: str = field(default="label", metadata={"help": "Label column name."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the train split (debugging)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate each eval split."})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train on this many images of the train split (debugging): a sample seeded by --seed, spread "
+            "evenly over the classes."
+        },
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Score this many images of each eval split: a sample seeded by --seed, spread over classes."
+        },
+    )
     evaluate_zero_shot: bool = field(
         default=True,
         metadata={
@@ -78,6 +90,8 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        check_max_samples("--max_train_samples", self.max_train_samples)
+        check_max_samples("--max_eval_samples", self.max_eval_samples)
         if isinstance(self.eval_splits, str) or isinstance(self.ood_splits, str):
             raise ValueError("eval_splits and ood_splits are lists of split names, e.g. eval_splits=['test']")
         not_evaluated = [split for split in self.ood_splits if split not in self.eval_splits]
@@ -183,7 +197,12 @@ def read_config(
             f"{os.getcwd()}); pass an existing YAML file, e.g. --config recipes/configs/world.yaml"
         )
     with open(config_file) as f:
-        config = yaml.safe_load(f) or {}
+        text = f.read()
+    try:
+        config = yaml.safe_load(text) or {}
+        lines = _key_lines(text)
+    except yaml.YAMLError as error:
+        raise ValueError(yaml_error_message(config_file, text, error)) from None
     if not isinstance(config, dict):
         raise ValueError(f"config file {config_file} must hold 'key: value' lines, got a {type(config).__name__}")
     hints = {}
@@ -209,7 +228,85 @@ def read_config(
                 f"config file {config_file}: {key} expects a list, got {type(value).__name__} {value!r}; write it "
                 f"as a YAML list, e.g. '{key}: [{value}]'"
             )
+        if key in hints and value is not None:
+            problem = _scalar_problem(key, hints[key], value)
+            if problem:
+                raise ValueError(f"config file {config_file}, line {lines.get(key, '?')}: {problem}")
     return config
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """The line (1-based) of each top-level key of a YAML mapping."""
+    node = yaml.compose(text)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+
+
+def yaml_error_message(config_file: str, text: str, error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    where = f", line {mark.line + 1}" if mark is not None else ""
+    line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if "\t" in line or "tab" in str(problem):
+        return (
+            f"config file {config_file}{where} holds a tab ({line.strip()!r}): YAML indents with spaces only. Replace "
+            "the tab with spaces"
+        )
+    return f"config file {config_file}{where} is not valid YAML ({problem}): {line.strip()!r}; fix that line"
+
+
+def _scalar_options(annotation) -> set[type]:
+    """The scalar types a field takes (bool, int, float, str; an Enum counts as str), or empty when it takes any other
+    type too (a dict, a list, ...): only fields of scalars alone are checked."""
+    import enum
+    import types
+
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    found: set[type] = set()
+    for option in typing.get_args(annotation) if union else (annotation,):
+        if option in (bool, int, float, str):
+            found.add(option)
+        elif isinstance(option, type) and issubclass(option, enum.Enum):
+            found.add(str)
+        elif option is not type(None):
+            return set()
+    return found
+
+
+# Text fields that also take a YAML boolean (``resume_from_checkpoint: true`` means "auto").
+_YAML_BOOLEANS_TAKEN = frozenset({"resume_from_checkpoint"})
+
+
+def _scalar_problem(key: str, annotation, value) -> str | None:
+    """Why ``value`` from a YAML cannot be the ``key`` field's value (None when it can): the traps YAML sets.
+
+    An unquoted ``no`` / ``off`` / ``yes`` is read by YAML as a boolean (``save_strategy: no`` would become False),
+    a list where one number goes, and a fraction where a whole number goes.
+    """
+    options = _scalar_options(annotation)
+    if key in _YAML_BOOLEANS_TAKEN:
+        options = options | {bool}
+    if not options:
+        return None
+    if isinstance(value, (list, dict)):
+        kind = "a list" if isinstance(value, list) else "a mapping"
+        return f"{key} takes one value, got {kind} {value!r}; write one value, e.g. '{key}: {_example(value)}'"
+    if isinstance(value, bool) and bool not in options:
+        word = "no" if value is False else "yes"
+        return (
+            f"{key}: {word} is read by YAML as the boolean {value} (unquoted no, off, yes and on are booleans), but "
+            f"{key} takes {'text' if str in options else 'a number'}; quote it: {key}: '{word}'"
+        )
+    if isinstance(value, float) and int in options and not options & {float, str}:
+        return f"{key} must be a whole number, got {value!r}; e.g. '{key}: {max(1, int(value))}'"
+    return None
+
+
+def _example(value) -> str:
+    if isinstance(value, list) and value:
+        return str(value[0])
+    return "..."
 
 
 def parse_with_config(
@@ -316,12 +413,39 @@ def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
     if os.path.isdir(os.path.expanduser(name)):
         return
     first = name.split("/", 1)[0]
-    if name.startswith((".", "/", "~")) or name.count("/") >= 2 or ("/" in name and os.path.isdir(first)):
+    looks_like_a_path = (
+        name.startswith((".", "/", "~")) or name.count("/") >= 2 or ("/" in name and os.path.isdir(first))
+    )
+    if not looks_like_a_path:
+        check_hub_reachable(name, flag)
+    if looks_like_a_path:
         raise FileNotFoundError(
             f"{flag} {name!r}: no such folder (relative paths are read from the working directory {os.getcwd()}). "
             "If it is the output of an earlier run (e.g. LP-FT stage 1: recipes/configs/baselines/lp_ft_stage1.yaml), "
             "run that first; if it is a Hub id, check its spelling"
         )
+
+
+def offline() -> bool:
+    """Whether the Hub is switched off (``HF_HUB_OFFLINE=1`` or ``TRANSFORMERS_OFFLINE=1``)."""
+    from ..config import _hub_is_off
+
+    return _hub_is_off()
+
+
+def check_hub_reachable(repo_id: str, flag: str = "--model_name_or_path") -> None:
+    """Offline, refuse a Hub model id that is not in the local cache: one line with the fix, before any work."""
+    if not offline():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    raise ValueError(
+        f"{flag} {repo_id!r} is a Hub id, but the Hub is switched off (HF_HUB_OFFLINE=1) and {repo_id!r} is not in "
+        f"the local cache ({constants.HF_HUB_CACHE}). Download it first where there is network (hf download "
+        f"{repo_id}), or pass a local folder that holds it"
+    )
 
 
 # Errors with a message written for the user (the cause and the fix): no traceback needed.
@@ -331,6 +455,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointErro
 def run_recipe(main: Callable[[], object]) -> None:
     """Run a recipe's ``main``: an error the user caused prints one message and exits with status 2.
 
+    Under ``accelerate launch`` the message is printed once for all the processes that fail with it, and the launcher
+    is stopped after it (`hf_cfft.cli.launch.stop_the_launcher`: exit status 143, no launcher traceback).
     ``HF_CFFT_TRACEBACK=1`` shows the traceback instead (for bug reports).
     """
     try:
@@ -338,16 +464,21 @@ def run_recipe(main: Callable[[], object]) -> None:
     except USER_ERRORS as error:
         if os.environ.get("HF_CFFT_TRACEBACK"):
             raise
-        print(f"error: {error}\n(set HF_CFFT_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        message = f"error: {error}\n(set HF_CFFT_TRACEBACK=1 to see the traceback)"
+        if first_to_report(message):
+            print(message, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        stop_the_launcher()
         raise SystemExit(2) from None
 
 
-def _truncated(dataset: Dataset, max_samples: int | None) -> Dataset:
-    return dataset.select(range(min(max_samples, len(dataset)))) if max_samples else dataset
-
-
 def load_train_and_eval_splits(data_args: DataArguments, seed: int) -> tuple[Dataset, dict[str, Dataset]]:
-    """The ``--train_split`` and ``--eval_splits``, truncated to ``--max_train_samples`` / ``--max_eval_samples``."""
+    """The ``--train_split`` and ``--eval_splits``, checked, each a seeded sample when ``--max_*_samples`` is given.
+
+    The columns must exist and hold class indices, the train split must hold two classes or more, and every class
+    of an eval split must be trained (`hf_cfft.dataset_checks`); ``--max_train_samples`` / ``--max_eval_samples``
+    take a sample seeded by ``seed`` and spread over the classes (`hf_cfft.dataset_checks.subset`).
+    """
     splits = load_image_splits(
         data_args.dataset_name,
         [data_args.train_split, *data_args.eval_splits],
@@ -358,10 +489,17 @@ def load_train_and_eval_splits(data_args: DataArguments, seed: int) -> tuple[Dat
         world_object_contrast=data_args.world_object_contrast,
         world_eval_size=data_args.world_eval_size,
     )
+    label = data_args.label_column
+    check_columns(splits, image_column=data_args.image_column, label_column=label)
     train = splits.pop(data_args.train_split)
-    check_eval_classes_are_trained(train, splits, data_args.label_column, data_args.train_split)
-    train = _truncated(train, data_args.max_train_samples)
-    return train, {name: _truncated(split, data_args.max_eval_samples) for name, split in splits.items()}
+    check_train_classes(train, label, data_args.train_split)
+    check_eval_classes_are_trained(train, splits, label, data_args.train_split)
+    train = subset(train, data_args.max_train_samples, seed=seed, label_column=label)
+    check_train_classes(train, label, f"{data_args.train_split} (--max_train_samples {data_args.max_train_samples})")
+    return train, {
+        name: subset(split, data_args.max_eval_samples, seed=seed, label_column=label)
+        for name, split in splits.items()
+    }
 
 
 def check_eval_classes_are_trained(
@@ -383,6 +521,11 @@ def check_eval_classes_are_trained(
         if label_column not in dataset.column_names:
             continue
         untrained = sorted(set(dataset.unique(label_column)) - trained)
+        if untrained and untrained[0] < 0:
+            raise ValueError(
+                f"split {split!r} has label {untrained[0]}: -1 marks an image without a label (e.g. a Hub test split "
+                "whose labels are hidden), so its accuracy would be wrong; evaluate on a split with labels"
+            )
         if untrained:
             shown = [names[label] if names else label for label in untrained]
             counts = collections.Counter(dataset.select_columns([label_column])[label_column])
@@ -396,7 +539,7 @@ def check_eval_classes_are_trained(
 
 
 def load_eval_splits(data_args: DataArguments, seed: int) -> dict[str, Dataset]:
-    """The ``--eval_splits`` as datasets (empty when none), each truncated to ``--max_eval_samples``."""
+    """The ``--eval_splits`` as datasets (empty when none), checked, each a seeded sample of ``--max_eval_samples``."""
     if not data_args.eval_splits:
         return {}
     splits = load_image_splits(
@@ -408,7 +551,11 @@ def load_eval_splits(data_args: DataArguments, seed: int) -> dict[str, Dataset]:
         world_object_contrast=data_args.world_object_contrast,
         world_eval_size=data_args.world_eval_size,
     )
-    return {name: _truncated(split, data_args.max_eval_samples) for name, split in splits.items()}
+    check_columns(splits, image_column=data_args.image_column, label_column=data_args.label_column)
+    return {
+        name: subset(split, data_args.max_eval_samples, seed=seed, label_column=data_args.label_column)
+        for name, split in splits.items()
+    }
 
 
 def check_dataset_classes(splits: Mapping[str, Dataset], names: list[str], label_column: str, model_name: str) -> None:
@@ -447,10 +594,32 @@ def evaluate_kwargs(data_args: DataArguments, batch_size: int, device: torch.dev
     )
 
 
-def write_results(results: Mapping, output_dir: str, data_args: DataArguments, stem: str = "results") -> str:
-    """``<stem>.json`` and ``<stem>.md`` in ``output_dir``; returns the markdown table (accuracies in %)."""
+def write_results(
+    results: Mapping, output_dir: str, data_args: DataArguments, stem: str = "results", row_names=None
+) -> str:
+    """``<stem>.json`` and ``<stem>.md`` in ``output_dir``; returns the markdown table (accuracies in %).
+
+    ``row_names`` renames rows in the table only (the JSON keeps its keys, e.g. "fine-tuned").
+    """
     columns = [*data_args.eval_splits] + (["ood_avg"] if data_args.ood_splits else [])
-    return write_report(output_dir, results, results_table(results, columns), title="Top-1 accuracy (%)", stem=stem)
+    shown = {(row_names or {}).get(name, name): values for name, values in results.items()}
+    return write_report(output_dir, results, results_table(shown, columns), title="Top-1 accuracy (%)", stem=stem)
+
+
+def run_label(args) -> str:
+    """The method and strength a fine-tuning run's ``args`` train, for its row of the results table."""
+    beta = float(getattr(args, "distill_weight", 0.0))
+    if getattr(args, "method", "") == "flyp":
+        name = "FLYP"
+    elif getattr(args, "linear_probe", False):
+        name = "linear probe"
+    elif beta == 0:
+        name = "vanilla FT (beta 0)"
+    elif args.mask_kind == "none":
+        name = f"{'FT+KD' if args.distill_target == 'logits' else 'FT+FD'} (beta {beta:g})"
+    else:
+        name = f"CFFT {args.mask_kind}/{args.fill_kind} (beta {beta:g})"
+    return f"{name}, this run"
 
 
 def resolve_device(name: str | None) -> torch.device:

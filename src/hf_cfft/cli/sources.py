@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from datasets import ClassLabel, Dataset, load_dataset
 
+from ..dataset_checks import check_class_names_file, check_image_folder
 from ..zeroshot import load_class_names
 
 WORLD = "world"
@@ -72,7 +73,14 @@ def load_image_splits(
     if dataset_name == "imagefolder":
         if data_dir is None or not os.path.isdir(data_dir):
             raise FileNotFoundError(f"ImageFolder data_dir {data_dir!r} does not exist; pass an existing directory")
-    loaded = load_dataset(dataset_name, dataset_config, data_dir=data_dir, cache_dir=cache_dir)
+    try:
+        loaded = load_dataset(dataset_name, dataset_config, data_dir=data_dir, cache_dir=cache_dir)
+    except ConnectionError as error:  # offline, or no network: datasets says "Couldn't reach ..." with a traceback
+        raise ValueError(
+            f"--dataset_name {dataset_name!r} is a Hub dataset id and cannot be loaded here: {error}. Download it "
+            f"first where there is network (hf download {dataset_name} --repo-type dataset, or load it once with "
+            "datasets so that it is cached), or pass a local ImageFolder (<dir>/<split>/<class>/<image>)"
+        ) from error
     missing = [s for s in splits if s not in loaded]
     if missing:
         raise ValueError(
@@ -88,6 +96,7 @@ def _local_image_folder(path: str, splits: Sequence[str]) -> dict[str, Dataset]:
         raise FileNotFoundError(
             f"split folder(s) {missing} not found in {path} (it has {present}); expected <dir>/<split>/<class>/<image>"
         )
+    check_image_folder(path, splits)
     # The imagefolder builder renames split folders to its standard names ("test_id" would load as "test"); naming
     # each split's files keeps the user's split names, and the class labels stay shared across splits.
     loaded = load_dataset("imagefolder", data_files={split: os.path.join(path, split, "**") for split in splits})
@@ -97,7 +106,10 @@ def _local_image_folder(path: str, splits: Sequence[str]) -> dict[str, Dataset]:
 def class_names_of(dataset: Dataset, label_column: str = "label") -> list[str]:
     """The class names of a dataset whose label column is a `ClassLabel`, in label-index order."""
     if label_column not in dataset.features:
-        raise KeyError(f"label column {label_column!r} not found; the dataset has {dataset.column_names}")
+        raise ValueError(
+            f"--label_column {label_column!r} is not a column of the dataset; its columns are "
+            f"{', '.join(dataset.column_names)}. Pass --label_column <one of them>"
+        )
     feature = dataset.features[label_column]
     if not isinstance(feature, ClassLabel):
         raise ValueError(
@@ -108,5 +120,13 @@ def class_names_of(dataset: Dataset, label_column: str = "label") -> list[str]:
 
 
 def class_names_for(class_names: str | None, dataset: Dataset, label_column: str = "label") -> list[str]:
-    """The ``--class_names`` option ('imagenet' or a file: `load_class_names`), else ``dataset``'s ClassLabel names."""
-    return load_class_names(class_names) if class_names else class_names_of(dataset, label_column)
+    """The ``--class_names`` option ('imagenet' or a file: `load_class_names`), else ``dataset``'s ClassLabel names.
+
+    Names given that contradict the dataset's ClassLabel (another count, or the same names in another order) are
+    refused (`hf_cfft.dataset_checks.check_class_names_file`).
+    """
+    if not class_names:
+        return class_names_of(dataset, label_column)
+    names = load_class_names(class_names)
+    check_class_names_file(names, dataset, label_column, repr(class_names))
+    return names

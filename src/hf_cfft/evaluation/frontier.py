@@ -24,7 +24,7 @@ import numpy as np
 
 from . import paired
 from .prediction import OOD_AVG
-from .report import markdown_table
+from .report import markdown_table, rounded
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +48,65 @@ def row_key(row: Mapping) -> str:
     return f"{row['method']}|{float(row['beta']):g}|{row['epochs']}|{row['seed']}"
 
 
+def _rows_of(path: Path) -> list[dict]:
+    """The rows of one JSONL file; a cut-off last line (a run killed while writing it) is named and skipped."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if any(rest.strip() for rest in lines[number:]):
+                raise ValueError(
+                    f"{path}, line {number}, is not a row ({error}: {line[:80]!r}) and rows follow it: the file was "
+                    "edited or written by two programs at once. Fix or remove that line"
+                ) from None
+            logger.warning(
+                "%s: its last row (line %d) is cut off (%r), as when a run is killed while writing it; it is skipped "
+                "and its cell runs again", path, number, line[:80],
+            )  # fmt: skip
+    return rows
+
+
+def drop_cut_off_row(path: str | Path) -> str | None:
+    """Remove a cut-off last row from ``path`` before rows are appended to it (kept in ``<path>.cut-off``).
+
+    Returns the removed text, or None when the file ends with a complete row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    keep = text if text.endswith("\n") or not text else text[: text.rfind("\n") + 1]
+    tail = text[len(keep) :]
+    if not tail.strip():
+        return None
+    try:
+        json.loads(tail)
+        path.write_text(keep + tail + "\n")  # a whole row that lacks only its newline
+        return None
+    except json.JSONDecodeError:
+        pass
+    with open(f"{path}.cut-off", "a") as f:
+        f.write(tail + "\n")
+    path.write_text(keep)
+    logger.warning("%s: removed its cut-off last row (kept in %s.cut-off): %r", path, path, tail[:80])
+    return tail
+
+
 def read_rows(output_dir: str | Path) -> list[dict]:
     """Every row of ``rows*.jsonl`` in ``output_dir`` (rows.jsonl, and a sharded run's rows-<i>of<n>.jsonl).
 
     A cell scored twice (two processes that ran the same cell, e.g. an unsharded run started while a shard was still
     running) is kept once, the first row read, so no seed counts twice; a warning names the cells, and says when the
-    two rows' results differ.
+    two rows' results differ. A cut-off last line of a file (a run killed while writing it) is skipped with a
+    warning that names it, so its cell runs again.
     """
     rows, seen, twice, differ = [], {}, [], []
     for path in sorted(Path(output_dir).glob("rows*.jsonl")):
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
+        for row in _rows_of(path):
             key = row_key(row)
             if key in seen:
                 twice.append(key)
@@ -81,7 +127,7 @@ def read_rows(output_dir: str | Path) -> list[dict]:
 def append_row(path: str | Path, row: Mapping) -> None:
     """Append one row to a JSONL file (one line, flushed on close: a crash loses at most the run in progress)."""
     with Path(path).open("a") as f:
-        f.write(json.dumps(dict(row)) + "\n")
+        f.write(json.dumps(rounded(dict(row))) + "\n")
 
 
 def strength_label(row: Mapping) -> str:
@@ -382,7 +428,7 @@ def write_frontier_report(
         },
         "summary": summary,
     }
-    paths["json"].write_text(json.dumps(payload, indent=2))
+    paths["json"].write_text(json.dumps(rounded(payload), indent=2))
     if curves:
         from .frontier_plots import curve_styles, plot_frontier, plot_paired
 

@@ -24,6 +24,9 @@ from .protocols import EvalSet, dataset_eval_sets
 
 ACCURACY_METRIC = os.path.join(os.path.dirname(__file__), "metrics", "accuracy.py")
 OOD_AVG = "ood_avg"
+# Accuracies (%) are rounded to this many decimals where they are computed: 100 * 0.939 is 93.89999999999999 in
+# binary floating point, and 1e-6 % is far below one image of any evaluation set (one image in 10^6 is 1e-4 %).
+ACCURACY_DECIMALS = 6
 
 
 def load_accuracy() -> evaluate.EvaluationModule:
@@ -106,7 +109,31 @@ def top1_accuracy(
     """Top-1 accuracy in % of ``predictions`` [N] against ``references`` [N], through the bundled metric."""
     metric = metric if metric is not None else load_accuracy()
     score = metric.compute(predictions=np.asarray(predictions).tolist(), references=np.asarray(references).tolist())
-    return 100.0 * score["accuracy"]
+    return round(100.0 * score["accuracy"], ACCURACY_DECIMALS)
+
+
+def check_eval_labels(eval_set: EvalSet, count: int | None) -> None:
+    """Raise, naming the split and the label, when a label of ``eval_set`` is not one of ``count`` classes.
+
+    A label of -1 (the hidden labels of a Hub test split) or one past the head would otherwise count as a wrong
+    prediction, and the accuracy would be silently low. Sets without a ``label`` column of their own are let be.
+    """
+    dataset = eval_set.dataset
+    if count is None or not isinstance(dataset, Dataset) or "label" not in dataset.column_names or not len(dataset):
+        return
+    values = np.asarray(dataset.unique("label"))
+    bad = values[(values < 0) | (values >= count)]
+    if bad.size:
+        hint = (
+            "-1 marks an image without a label (e.g. a Hub test split whose labels are hidden): evaluate on a split "
+            "with labels"
+            if (bad < 0).any()
+            else "check that the split's label column matches the class names the head was built from"
+        )
+        raise ValueError(
+            f"split {eval_set.name!r} has label(s) {', '.join(map(str, sorted(bad.tolist())[:5]))} outside the "
+            f"model's classes 0..{count - 1}, so its accuracy would be wrong; {hint}"
+        )
 
 
 def evaluate_splits(
@@ -132,6 +159,7 @@ def evaluate_splits(
     width = getattr(getattr(model, "config", None), "num_labels", None)
     for eval_set in splits:  # before any forward pass: a wrong head should fail fast, not after the first 50000 images
         eval_set.protocol.check_width(width)
+        check_eval_labels(eval_set, eval_set.protocol.label_count(width))
     metric = load_accuracy()
     results = {}
     for eval_set in splits:
@@ -146,5 +174,5 @@ def evaluate_splits(
         results[eval_set.name] = top1_accuracy(eval_set.protocol.predict(logits, restrict=restrict), labels, metric)
     present = [name for name in ood_splits if name in results]
     if present:
-        results[OOD_AVG] = sum(results[name] for name in present) / len(present)
+        results[OOD_AVG] = round(sum(results[name] for name in present) / len(present), ACCURACY_DECIMALS)
     return results

@@ -69,6 +69,12 @@ class Protocol:
                 "for the ImageNet shifts use a 1000-class ImageNet classifier or a CLIP checkpoint"
             )
 
+    def label_count(self, width: int | None) -> int | None:
+        """How many label values this set's labels may take against a head of ``width`` classes (None: unknown)."""
+        if self.kind == "grouped":
+            return len(self.groups)
+        return self.num_classes if self.num_classes is not None else width
+
     def predict(self, logits: np.ndarray, *, restrict: bool = True) -> np.ndarray:
         """Predictions [N] for logits [N, K]; ``restrict=False``: the top class over all K (see module docstring)."""
         logits = np.asarray(logits)

@@ -8,6 +8,7 @@ points, effective_robustness.png. `write_robustness_report` adds the zero-shot f
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -39,6 +40,21 @@ def results_table(
     return markdown_table(["model", *(headers if headers is not None else columns)], cells)
 
 
+def rounded(value: Any, digits: int = 10) -> Any:
+    """``value`` with every float (in dicts, lists and tuples too) rounded to ``digits`` significant digits.
+
+    What is written to JSON goes through this: binary floating point turns 0.1 + 0.2 into 0.30000000000000004 and
+    100 * 0.939 into 93.89999999999999; 10 significant digits keep every meaningful digit and drop that noise.
+    """
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, Mapping):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item, digits) for item in value]
+    return value
+
+
 def write_report(
     output_dir: str,
     payload: Mapping[str, Any],
@@ -53,7 +69,7 @@ def write_report(
     """
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, f"{stem}.json"), "w") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(rounded(payload), f, indent=2)
     with open(os.path.join(output_dir, f"{stem}.md"), "w") as f:
         f.write(f"{title}\n\n{table}\n")
     if plot is not None:

@@ -16,6 +16,7 @@ import shutil
 import struct
 import zipfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..output_folder import is_guard_file
@@ -92,15 +93,21 @@ def latest_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | None:
+def resolve_resume_checkpoint(
+    resume_from_checkpoint: str | bool | None, output_dir: str, args: Any = None
+) -> str | None:
     """Turn ``--resume_from_checkpoint`` (a path, True/"true"/"auto", or None) into a complete checkpoint path.
 
     True/"auto" picks the newest complete checkpoint (None when there is none: the run starts fresh). An explicit
-    path that is incomplete is refused with the reasons, instead of loading half a checkpoint.
+    path that is incomplete is refused with the reasons, instead of loading half a checkpoint. Given the run's
+    ``args`` (the recipe passes them), "auto" on a finished run that ``args`` would not train further is refused
+    (`refuse_resuming_a_finished_run`).
     """
     if resume_from_checkpoint in (None, False, "", "false", "False"):
         return None
     if resume_from_checkpoint in (True, "true", "True", "auto"):
+        if args is not None:
+            refuse_resuming_a_finished_run(output_dir, args)
         return latest_complete_checkpoint(output_dir)
     path = str(resume_from_checkpoint)
     if not os.path.isdir(path):
@@ -114,6 +121,48 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
             "stopped. Resume with --resume_from_checkpoint auto to use the newest complete checkpoint"
         )
     return path
+
+
+def refuse_resuming_a_finished_run(output_dir: str, args: Any) -> None:
+    """Raise when ``output_dir`` holds a finished run that ``args`` would not train further: nothing is left to resume.
+
+    A run saves its model at the top of ``output_dir`` only once training has ended (a stopped run holds checkpoints
+    alone). Resuming it to train longer (a larger ``max_steps`` or ``num_train_epochs`` than its last checkpoint's,
+    with ``--allow_changed_args_on_resume true``) goes on.
+    """
+    folder = Path(output_dir)
+    weights = ("model.safetensors", "model.safetensors.index.json", "adapter")
+    if not (folder / "config.json").is_file() or not any((folder / name).exists() for name in weights):
+        return
+    newest = latest_complete_checkpoint(output_dir)
+    state = {}
+    if newest is not None:
+        with open(Path(newest) / "trainer_state.json") as f:
+            state = json.load(f)
+        step, max_steps, epochs = (
+            state.get("global_step", 0),
+            getattr(args, "max_steps", -1),
+            state.get("num_train_epochs"),
+        )
+        if (max_steps or -1) > 0 and max_steps > step:
+            return
+        if (
+            (max_steps or -1) <= 0
+            and epochs is not None
+            and float(getattr(args, "num_train_epochs", 0)) > float(epochs)
+        ):
+            return
+    where = (
+        f" (its last checkpoint, {Path(newest).name}, is step {state.get('global_step')} of {state.get('max_steps')})"
+        if newest
+        else " (and no checkpoint)"
+    )
+    raise ValueError(
+        f"--resume_from_checkpoint auto: --output_dir {str(output_dir)!r} holds a finished run{where}: its "
+        "fine-tuned model is saved there, so nothing is left to resume. Use that model as it is; to train it longer, "
+        "raise --max_steps or --num_train_epochs (with --allow_changed_args_on_resume true); to train again, pass "
+        "another --output_dir (or --overwrite_output_dir true to replace this run)"
+    )
 
 
 # ---- a fresh run never lands on top of another run; a resume never mixes two configs ----
@@ -187,6 +236,8 @@ def changed_args(checkpoint: str, args: Mapping[str, Any]) -> dict[str, tuple[An
     for key in RESUME_FIELDS:
         if key in saved and key in args and _normalised(saved[key]) != _normalised(args[key]):
             changed[key] = (saved[key], args[key])
+    if "logits" not in (saved.get("distill_target"), args.get("distill_target")):
+        changed.pop("kd_temperature", None)  # unused without logit distillation (its default changed from 1 to 10)
     return changed
 
 
