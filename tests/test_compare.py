@@ -197,6 +197,7 @@ def test_the_reference_defaults_to_wise_ft_then_vanilla_ft():
     ]
 
 
+@pytest.mark.xdist_group("two_processes")  # one port (29500): launches of two processes run one at a time
 @pytest.mark.skipif(sys.platform != "linux", reason="two CPU processes via accelerate launch")
 def test_compare_under_accelerate_launch_two_processes(workspace, tmp_path):
     # Both processes train every run together (DDP); the main one alone scores the post-hoc models and writes.

@@ -105,22 +105,36 @@ def test_compare_help_says_finetune_flags_pass_through_and_lists_config(tmp_path
 RECIPES = ("finetune", "compare", "zero_shot", "wise_ft", "soup", "evaluate_ood", "visualize", "push_to_hub")
 
 
-def test_every_recipes_help_comes_from_its_cache_in_well_under_3_seconds(tmp_path):
-    import time
+def test_every_recipes_help_comes_from_its_cache_without_loading_the_library(tmp_path):
+    """The second --help prints the first one's text, and imports neither torch, transformers nor hf_cfft.
 
+    (What that saves is a benchmark's business, not a timed test's: the first --help takes 9-40 s on a loaded machine,
+    the cached one the interpreter's start-up.) The uncached runs go two at a time: the machine has two cores.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_CFFT_HELP_CACHE": str(tmp_path / "help")}
+    first = {}
+    for pair in (RECIPES[i : i + 2] for i in range(0, len(RECIPES), 2)):
+        running = {
+            name: subprocess.Popen(
+                [sys.executable, str(ROOT / "recipes" / f"{name}.py"), "--help"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )  # fmt: skip
+            for name in pair
+        }
+        for name, process in running.items():
+            out, err = process.communicate(timeout=300)
+            assert process.returncode == 0 and out.startswith("usage:"), (name, err[-2000:])
+            first[name] = out
     for name in RECIPES:
-        command = [sys.executable, str(ROOT / "recipes" / f"{name}.py"), "--help"]
-        first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-        assert first.returncode == 0 and first.stdout.startswith("usage:"), (name, first.stderr[-2000:])
-        started = time.perf_counter()
-        again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-        seconds = time.perf_counter() - started
-        assert again.returncode == 0 and again.stdout == first.stdout, name
-        assert seconds < 3, (name, seconds)  # the first: 9-40 s on a loaded machine; this: the interpreter alone
         probe = [sys.executable, "-X", "importtime", str(ROOT / "recipes" / f"{name}.py"), "--help"]
-        imported = subprocess.run(probe, capture_output=True, text=True, env=env, timeout=300).stderr
+        again = subprocess.run(probe, capture_output=True, text=True, env=env, timeout=300)
+        assert again.returncode == 0 and again.stdout == first[name], name
+        imported = again.stderr
         assert " torch\n" not in imported and "transformers" not in imported and "hf_cfft." not in imported, name
+        assert "| hf_cfft_help\n" in imported, name  # the probe sees imports at all: the cache module was one
 
 
 def test_the_help_cache_is_rebuilt_when_a_file_it_depends_on_changes(tmp_path):

@@ -95,6 +95,7 @@ def _run(tmp_path: Path, name: str, processes: int) -> Path:
     return out
 
 
+@pytest.mark.xdist_group("two_processes")  # one port (29500): launches of two processes run one at a time
 @pytest.mark.skipif(sys.platform != "linux", reason="two CPU processes via accelerate launch")
 def test_two_processes_shard_the_cam_pass_and_evaluation_and_match_one_process(tmp_path):
     torch.manual_seed(0)

@@ -70,6 +70,7 @@ LAUNCHES = {
 }
 
 
+@pytest.mark.xdist_group("two_processes")  # one port (29500): launches of two processes run one at a time
 @pytest.mark.parametrize("launch", list(LAUNCHES))
 def test_a_handled_error_under_accelerate_launch_is_printed_once_without_a_traceback(tmp_path, launch):
     command = [

@@ -95,6 +95,7 @@ def test_missing_dataset_folder_is_named(workspace, tmp_path):
         _recipe().main(_args(clip, tmp_path / "does_not_exist" / "x", tmp_path / "run"))
 
 
+@pytest.mark.xdist_group("two_processes")  # one port (29500): launches of two processes run one at a time
 @pytest.mark.skipif(sys.platform != "linux", reason="two CPU processes via accelerate launch")
 @pytest.mark.parametrize("cam_source", ["teacher", "student"])
 def test_accelerate_launch_two_processes(workspace, tmp_path, cam_source):

@@ -198,6 +198,7 @@ def test_library_never_unpickles_checkpoints():
     assert offenders == []
 
 
+@pytest.mark.xdist_group("two_processes")  # one port (29500): launches of two processes run one at a time
 def test_two_processes_match_one_process_with_the_same_global_batch(workspace, tmp_path):
     """Vanilla FT over 2 CPU processes equals 1 process: every step sees the whole 12-image set either way.
 
@@ -271,6 +272,7 @@ recipe.run_recipe(lambda: recipe.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.xdist_group("two_processes")  # one port (29500): launches of two processes run one at a time
 @pytest.mark.skipif(sys.platform != "linux", reason="two CPU processes via accelerate launch")
 def test_a_hung_process_makes_the_other_exit_within_ddp_timeout_with_a_message(workspace, tmp_path):
     clip, images = workspace
