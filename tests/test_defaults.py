@@ -13,7 +13,7 @@ from hf_cfft.cli.compare_grid import METHODS, parse_compare_args
 from hf_cfft.evaluation.frontier import append_row
 from hf_cfft.evaluation.prediction import top1_accuracy
 from hf_cfft.evaluation.report import rounded, write_report
-from hf_cfft.release.checkpoints import changed_args
+from hf_cfft.training.run_folder import changed_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from _builders import CLASSES, save_tiny_clip, write_imagefolder
 from safetensors.torch import load_file
 
 from hf_cfft.build import load_classifier
-from hf_cfft.release.checkpoints import checkpoint_problems, latest_complete_checkpoint, resolve_resume_checkpoint
+from hf_cfft.training.run_folder import checkpoint_problems, latest_complete_checkpoint, resolve_resume_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "finetune.py"

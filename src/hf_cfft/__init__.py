@@ -27,14 +27,9 @@ from .modeling import (
     ClipCfftForImageClassification,
     ClipCfftOutput,
 )
-from .release import (
-    latest_complete_checkpoint,
-    push_model_dir,
-    render_model_card,
-    resolve_resume_checkpoint,
-    write_model_card,
-)
+from .release import push_model_dir, render_model_card, write_model_card
 from .trainer import CfftTrainer
+from .training.run_folder import latest_complete_checkpoint, resolve_resume_checkpoint
 from .visualize import counterfactual_grid
 from .zeroshot import build_zeroshot_head, build_zeroshot_weights, load_class_names, load_templates
 

@@ -49,7 +49,7 @@ def shared_configuration(model_args: Any, data_args: Any, training_args: Any) ->
     from transformers import TrainingArguments
 
     from ..config import CfftConfig
-    from ..release.checkpoints import RESUME_FIELDS
+    from ..training.run_folder import RESUME_FIELDS
 
     own = [f.name for f in fields(CfftConfig) if f.name not in {g.name for g in fields(TrainingArguments)}]
     training = {

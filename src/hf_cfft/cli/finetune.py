@@ -23,8 +23,9 @@ from ..config import CfftConfig
 from ..evaluation import evaluate_splits
 from ..fast_images import FastImageProcessor
 from ..output_folder import OutputFolder
-from ..release.checkpoints import check_run_folder, resolve_resume_checkpoint
 from ..trainer import CfftTrainer
+from ..training.run_folder import check_run_folder, resolve_resume_checkpoint
+from ..training.run_manifest import rows_fingerprint
 from ..zeroshot import load_templates
 from .script_args import (
     DataArguments,
@@ -35,6 +36,7 @@ from .script_args import (
     load_train_and_eval_splits,
     parse_with_config,
     run_label,
+    train_data_source,
     write_results,
 )
 from .sources import WORLD, class_names_for
@@ -109,6 +111,10 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume) -> dict:
     with args.main_process_first(local=True, desc="loading the dataset"):
         train, splits = load_train_and_eval_splits(data_args, seed=args.seed)
     class_names = class_names_for(model_args.class_names, train, data_args.label_column)
+    source = train_data_source(data_args)
+    if resume is not None:  # other rows than the checkpoint's are refused now, before any CAM pass (the trainer again)
+        rows = rows_fingerprint(train, data_args.image_column, data_args.label_column) or {}
+        check_run_folder(args, resume, data={"source": source, **rows}, say_notes=False)
 
     image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
     # What evaluation preprocesses with; the trainer applies the same switch to the train set.
@@ -123,7 +129,7 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume) -> dict:
         trainer = FlypTrainer(
             model=contrastive, args=args, tokenizer=tokenizer, class_names=class_names,
             templates=load_templates(model_args.templates), train_dataset=train, processing_class=image_processor,
-            **columns,
+            data_source=source, **columns,
         )  # fmt: skip
     else:
         model = load_classifier(
@@ -137,8 +143,9 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume) -> dict:
         if model_args.teacher_name_or_path:
             teacher = load_classifier(model_args.teacher_name_or_path, class_names=class_names)
         trainer = CfftTrainer(
-            model=model, args=args, teacher=teacher, train_dataset=train, processing_class=image_processor, **columns
-        )
+            model=model, args=args, teacher=teacher, train_dataset=train, processing_class=image_processor,
+            data_source=source, **columns,
+        )  # fmt: skip
     if trainer.skipped_images:
         print(f"Skipped {trainer.skipped_images} unreadable train image(s); training on {len(trainer.train_dataset)}.")
     if args.process_index == 0:

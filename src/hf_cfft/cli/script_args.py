@@ -151,6 +151,13 @@ CONFIG_HELP = (
 )
 
 
+def train_data_source(data_args: DataArguments) -> dict:
+    """The run manifest's "source": the arguments that pick the train rows (`hf_cfft.training.run_manifest`)."""
+    fields = ("dataset_name", "dataset_config", "data_dir", "train_split", "max_train_samples",
+              "world_train_correlation", "world_object_contrast")  # fmt: skip
+    return {name: getattr(data_args, name) for name in fields if getattr(data_args, name) is not None}
+
+
 def _config_file_in(argv: list[str]) -> tuple[str | None, list[str]]:
     """(the ``--config`` file or None, argv without it); ``--config=FILE`` works too."""
     for at, arg in enumerate(argv):

@@ -3,7 +3,7 @@
 A subclass of `transformers.Trainer` that holds everything that is not a loss:
 
 - the run folder: marked and locked for the whole run (`hf_cfft.output_folder`), never landing on another run, a
-  resume never mixing two configurations (`hf_cfft.release.checkpoints`), a lost peer named with where to resume;
+  resume never mixing two configurations (`hf_cfft.training.run_folder`), a lost peer named with where to resume;
 - the data: a raw image dataset (or a stream) prepared by the method's ``_prepare_raw_dataset``, image checks and
   the fast image processor switch applied the same way for every method;
 - step seeding: a generator per (seed, step, process, micro-step), so that a resumed run draws what it would have;
@@ -22,7 +22,9 @@ import json
 import os
 import shutil
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -35,15 +37,12 @@ from transformers.utils import PushInProgress, hf_api, logging
 from ..config import CfftConfig
 from ..fast_images import FastImageProcessor
 from ..output_folder import OutputFolder
-from ..release.checkpoints import (
-    check_output_dir,
-    check_run_folder,
-    latest_complete_checkpoint,
-    resolve_resume_checkpoint,
-)
 from ..release.hub import EXCLUDED_FILES, files_to_upload
 from ..release.model_card import TRAINING_ARGS_JSON, write_model_card
 from ..streaming import prepare_streaming_train_dataset
+from .arguments import check_training_arguments
+from .run_folder import check_output_dir, check_run_folder, latest_complete_checkpoint, resolve_resume_checkpoint
+from .run_manifest import MANIFEST_KEY, rows_fingerprint, run_manifest
 
 logger = logging.get_logger(__name__)
 
@@ -57,6 +56,10 @@ class RobustTrainer(Trainer):
         data_collator / train_dataset / processing_class: as for `transformers.Trainer`; a raw image
             ``train_dataset`` (``image_column`` + ``label_column``, or a streamed one) is prepared for the method
             (`_prepare_dataset`), which needs ``processing_class`` (the checkpoint's image processor).
+        data_source: where the train set came from (e.g. ``{"dataset_name": ..., "split": ...,
+            "max_train_samples": ...}``). With the train rows' fingerprint and the global batch it forms the run
+            manifest in every ``training_args.json``; a resume on other data or another global batch is refused
+            (`hf_cfft.training.run_manifest`).
         Other keyword arguments go to `transformers.Trainer`.
 
     Subclasses implement ``compute_loss`` and ``_prepare_raw_dataset``, and may override ``_place_frozen_models``
@@ -69,6 +72,8 @@ class RobustTrainer(Trainer):
     # by the accumulation steps itself. Without this, a model whose forward takes **kwargs (CLIPModel, SiglipModel)
     # would make the Trainer assume the loss is already scaled, and accumulation would multiply the gradients.
     loss_is_scaled_for_ga = False
+    # TrainingArguments fields the method refuses beyond `arguments.REFUSED` ({field: (accepted value, why)}).
+    _refused_arguments: dict = {}
 
     def __init__(
         self,
@@ -80,10 +85,12 @@ class RobustTrainer(Trainer):
         *,
         image_column: str = "image",
         label_column: str = "label",
+        data_source: Mapping[str, Any] | None = None,
         **kwargs,
     ):
         if not isinstance(args, CfftConfig):
             raise TypeError(f"args must be a CfftConfig, got {type(args).__name__}")
+        check_training_arguments(args, self._refused_arguments)  # a field this run would not apply: before any work
         super().__init__(
             model=model,
             args=args,
@@ -95,6 +102,10 @@ class RobustTrainer(Trainer):
         self.image_column, self.label_column = image_column, label_column
         self._place_frozen_models()
         self.skipped_images = 0
+        # What the run trains on, for the run manifest a resume is checked against (before any preparation).
+        self.run_data = {"source": dict(data_source or {})} | (
+            rows_fingerprint(train_dataset, image_column, label_column) or {}
+        )
         if train_dataset is not None:
             self.train_dataset = self._prepare_dataset(train_dataset)
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -134,7 +145,7 @@ class RobustTrainer(Trainer):
 
     def _train_in_folder(self, checkpoint: str | None, trial, **kwargs):
         args = self.args
-        changed = check_run_folder(args, checkpoint)
+        changed = check_run_folder(args, checkpoint, data=self.run_data)
         if checkpoint is None and args.overwrite_output_dir:
             if args.should_save:
                 check_output_dir(args.output_dir, resuming=False, overwrite=True)
@@ -196,10 +207,24 @@ class RobustTrainer(Trainer):
             )  # fmt: skip
         if not isinstance(dataset, datasets.Dataset):
             return dataset
+        self._check_at_least_one_batch(len(dataset), "")
         if dataset.format["type"] is not None or "pixel_values" in dataset.column_names:
             return dataset
         dataset, self.skipped_images = self._prepare_raw_dataset(dataset, self._image_processor())
+        self._check_at_least_one_batch(len(dataset), f" after {self.skipped_images} unreadable image(s) were skipped")
         return dataset
+
+    def _check_at_least_one_batch(self, rows: int, after: str) -> None:
+        """Refuse a train set that fills no batch: it would train 0 steps and save the zero-shot model as tuned."""
+        args = self.args
+        batch = args.per_device_train_batch_size * args.world_size
+        if args.dataloader_drop_last and rows < batch:
+            raise ValueError(
+                f"the train set has {rows} image(s){after}, fewer than one batch of {batch} "
+                f"(per_device_train_batch_size {args.per_device_train_batch_size} x {args.world_size} process(es)), "
+                "and incomplete batches are dropped: the run would train 0 steps. Lower "
+                f"--per_device_train_batch_size to at most {max(1, rows // args.world_size)} or train on more images"
+            )
 
     def _prepare_raw_dataset(self, dataset: datasets.Dataset, processor) -> tuple[datasets.Dataset, int]:
         """The method's train set from a raw image dataset, and how many unreadable images were dropped."""
@@ -384,7 +409,7 @@ class RobustTrainer(Trainer):
 
     def _write_release_files(self, output_dir: str, **overrides) -> None:
         """Write README.md (the model card) and ``training_args.json`` (the args as JSON, no pickle) to output_dir."""
-        values = self.args.to_dict()
+        values = self.args.to_dict() | {MANIFEST_KEY: run_manifest(self.args, self.run_data)}
         if self.resumed_with_changes:
             values["resumed_with_changes"] = self.resumed_with_changes
         config = self._release_config(output_dir)

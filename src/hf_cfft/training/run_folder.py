@@ -1,4 +1,6 @@
-"""Find the newest checkpoint that was written completely, so a resume never loads a half-written one.
+"""The training run's folder: a fresh run never lands on another run, a resume never loads a half-written checkpoint
+nor mixes two configurations (the changed training arguments, and the run manifest's data and global batch:
+`hf_cfft.training.run_manifest`).
 
 A run killed while saving (SIGKILL, a pre-empted node, a full disk) leaves a ``checkpoint-N`` folder with missing or
 truncated files. `transformers.trainer_utils.get_last_checkpoint` would pick it by number; here every file the
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..output_folder import is_guard_file
+from .run_manifest import MANIFEST_KEY, manifest_changes, refuse_changed_manifest, run_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -256,18 +259,43 @@ def refuse_changed_resume(checkpoint: str, changed: Mapping[str, tuple[Any, Any]
     )
 
 
-def check_run_folder(args: Any, checkpoint: str | None) -> dict[str, tuple[Any, Any]]:
+def check_run_folder(
+    args: Any, checkpoint: str | None, data: Mapping[str, Any] | None = None, say_notes: bool = True
+) -> dict[str, tuple[Any, Any]]:
     """Read-only checks before a run (a `CfftConfig` ``args``, the resolved ``checkpoint`` or None); raise or pass.
 
     A fresh run (``checkpoint`` None) into a folder holding another run is refused unless
-    ``args.overwrite_output_dir``; a resume with changed settings unless ``args.allow_changed_args_on_resume``.
-    Returns the changed settings that were allowed ({} when none). Cheap, so recipes call it before loading data.
+    ``args.overwrite_output_dir``; a resume with changed settings, another global batch or, given this run's
+    ``data`` (`run_manifest.rows_fingerprint` plus its "source"), other data unless
+    ``args.allow_changed_args_on_resume``. Returns the changes that were allowed ({} when none). Without ``data``
+    only the settings and the global batch are compared: cheap, so recipes call it before loading data, and the
+    trainer again with the data. ``say_notes`` logs what changed and may go on (another process count).
     """
     if checkpoint is None:
         if not args.overwrite_output_dir:
             check_output_dir(args.output_dir, resuming=False, overwrite=False)
         return {}
     changed = changed_args(checkpoint, args.to_dict())
+    saved, current = saved_manifest(checkpoint), run_manifest(args, data)
+    if saved and saved.get("global_batch") == current["global_batch"]:
+        # Another split of the same global batch (e.g. half the processes, twice the accumulation) trains the same
+        # steps: the manifest says so, and goes on.
+        for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            changed.pop(key, None)
     if changed and not args.allow_changed_args_on_resume:
         refuse_changed_resume(checkpoint, changed)
-    return changed
+    refused, notes = manifest_changes(saved, current)
+    if refused and not args.allow_changed_args_on_resume:
+        refuse_changed_manifest(checkpoint, refused)
+    for note in notes if say_notes and data is not None else ():  # said once: by the trainer's check
+        logger.warning("Resuming %s: %s", checkpoint, note)
+    return {**changed, **refused}
+
+
+def saved_manifest(checkpoint: str) -> dict | None:
+    """The run manifest of a checkpoint's ``training_args.json``; None when it has none (older or foreign)."""
+    path = os.path.join(checkpoint, "training_args.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get(MANIFEST_KEY)
