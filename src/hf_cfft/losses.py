@@ -37,14 +37,17 @@ def counterfactual_loss(
     distill_weight: float,
     distill_target: str = "features",
     temperature: float = 1.0,
+    label_smoothing: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Task loss plus weighted distillation on counterfactuals -> {"loss", "task_loss", "distill_loss"}.
 
     logits: [B, K]; labels: [B]; student_cf / teacher_cf: [B, D] embeddings (``distill_target='features'``) or
     [B, K] logits (``'logits'``) of the counterfactual images. With ``distill_weight == 0`` or no counterfactuals the
-    loss is exactly the cross-entropy (vanilla fine-tuning).
+    loss is exactly the cross-entropy (vanilla fine-tuning). ``label_smoothing`` (``label_smoothing_factor``) smooths
+    the task loss's targets as torch and transformers' ``LabelSmoother`` do: (1 - e) * NLL + e * mean over classes of
+    -log p.
     """
-    task = F.cross_entropy(logits.float(), labels)
+    task = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     if distill_weight == 0 or student_cf is None:
         distill = task.new_zeros(())
         return {"loss": task, "task_loss": task.detach(), "distill_loss": distill}

@@ -86,8 +86,11 @@ class CfftTrainer(RobustTrainer):
                 teacher = adapters.AdapterFreeTeacher(model)
             if args.gradient_checkpointing and not args.gradient_checkpointing_kwargs:
                 # Re-entrant checkpointing drops the gradients of a layer whose inputs do not require grad, which
-                # is every adapter layer of a frozen tower; the non-re-entrant kind does not.
+                # is every adapter layer of a frozen tower; the non-re-entrant kind does not. (transformers 5 reads
+                # the new name, activation_checkpointing_kwargs; both are set.)
                 args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+                if hasattr(args, "activation_checkpointing_kwargs"):
+                    args.activation_checkpointing_kwargs = {"use_reentrant": False}
         if teacher is None and args.distill_weight > 0:
             teacher = copy.deepcopy(model)
             if args.teacher_dtype != "float32":  # a lighter frozen copy for big towers
@@ -346,6 +349,7 @@ class CfftTrainer(RobustTrainer):
         parts = counterfactual_loss(
             outputs.logits, inputs["labels"], student_out, teacher_out, distill_weight=args.distill_weight,
             distill_target=args.distill_target, temperature=args.kd_temperature,
+            label_smoothing=args.label_smoothing_factor,
         )  # fmt: skip
         if training and not torch.isfinite(parts["loss"]):
             self._stop_on_non_finite_loss(

@@ -24,6 +24,7 @@ from ..config import CfftConfig
 from ..data import CounterfactualCollator, prepare_train_dataset
 from ..families import family_for_model_type, family_of, tokenizer_kwargs
 from ..modeling import CfftImageClassifier
+from ..training.arguments import FLYP_REFUSED
 from ..training.base import RobustTrainer
 from ..zeroshot import build_zeroshot_head
 
@@ -81,6 +82,7 @@ class FlypTrainer(RobustTrainer):
     """
 
     _tag_names = ["hf_cfft", "clip", "robust-fine-tuning", "flyp"]
+    _refused_arguments = FLYP_REFUSED
 
     def __init__(
         self,
