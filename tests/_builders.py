@@ -103,3 +103,15 @@ def recording_hub(repo_id: str):
     hub.create_repo.return_value = RepoUrl(f"https://huggingface.co/{repo_id}")
     hub.upload_folder.side_effect = upload_folder
     return hub, uploads
+
+
+def load_script(path: Path, module_name: str):
+    """Import a recipe or benchmark script (not a package module) as ``module_name``, registered in sys.modules."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _builders import save_tiny_clip, write_imagefolder
+from _builders import load_script, save_tiny_clip, write_imagefolder
 from PIL import Image
 
 from hf_cfft.cli.compare_grid import METHODS, parse_compare_args, plan_cells, with_dependencies
@@ -20,11 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location("compare_recipe", ROOT / "recipes" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "recipes" / "compare.py", "compare_recipe")
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +323,6 @@ def test_the_adaptation_world_configs_parse_to_exactly_their_cells():
 
 
 def test_the_adaptation_design_rows_meet_the_criteria_and_the_first_design_does_not():
-    import importlib.util
 
     spec = importlib.util.spec_from_file_location(
         "adaptation_criteria", ROOT / "benchmarks" / "adaptation_criteria.py"
@@ -345,7 +340,6 @@ ADAPTATION_FRONTIER = ROOT / "docs" / "adaptation_world" / "frontier"
 
 
 def test_the_shipped_adaptation_report_and_claims_are_what_compare_and_the_claims_script_write(tmp_path):
-    import importlib.util
     import shutil
 
     out = tmp_path / "frontier"

@@ -6,14 +6,12 @@ Each refusal is reproduced through recipes/finetune.py's ``main`` as the recipe 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _builders import CLASSES, save_tiny_clip, tiny_image_processor, write_imagefolder
+from _builders import CLASSES, load_script, save_tiny_clip, tiny_image_processor, write_imagefolder
 from datasets import ClassLabel, Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image, ImageOps
@@ -28,11 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _recipe(name: str = "finetune"):
-    spec = importlib.util.spec_from_file_location(f"{name}_recipe_boundary", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "recipes" / f"{name}.py", f"{name}_recipe_boundary")
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@ file and line, counts that are not whole numbers, and resuming a finished run.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from _builders import save_tiny_clip, write_imagefolder
+from _builders import load_script, save_tiny_clip, write_imagefolder
 
 from hf_cfft import CfftConfig
 from hf_cfft.cli.script_args import run_recipe
@@ -24,11 +23,7 @@ COMPARE = ROOT / "recipes" / "compare.py"
 
 
 def _recipe(name: str = "finetune"):
-    spec = importlib.util.spec_from_file_location(f"{name}_recipe_errors", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "recipes" / f"{name}.py", f"{name}_recipe_errors")
 
 
 def _refused(capsys, argv: list[str], recipe: str = "finetune") -> str:

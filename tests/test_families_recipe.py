@@ -3,14 +3,12 @@ recipes/finetune.py (a few steps) -> a classifier that reloads to identical logi
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _builders import CLASSES, write_imagefolder
+from _builders import CLASSES, load_script, write_imagefolder
 from _family_builders import save_tiny_family
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
@@ -21,11 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location("finetune_recipe_families", ROOT / "recipes" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "recipes" / "finetune.py", "finetune_recipe_families")
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from _builders import (
     CLASSES,
+    load_script,
     recording_hub,
     save_tiny_clip,
     tiny_clip,
@@ -28,11 +27,7 @@ TEMPLATES = ["a photo of a {}.", "a cropped photo of the {}."]
 
 
 def _finetune():
-    spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "recipes" / "finetune.py", "finetune_recipe")
 
 
 def _hand_clip_loss(image: torch.Tensor, text: torch.Tensor, scale: float) -> float:

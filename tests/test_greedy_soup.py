@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _builders import write_imagefolder
+from _builders import load_script, write_imagefolder
 
 from hf_cfft import ClipCfftForImageClassification
 from hf_cfft.baselines import check_held_out_split, greedy_soup, uniform_soup
@@ -77,11 +75,7 @@ def test_held_out_split_must_be_neither_ood_nor_reported():
 
 
 def _soup_recipe():
-    spec = importlib.util.spec_from_file_location("soup_recipe", ROOT / "recipes" / "soup.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "recipes" / "soup.py", "soup_recipe")
 
 
 def test_soup_recipe_greedy_writes_its_choice(tiny_classifier, tiny_image_processor, tmp_path):

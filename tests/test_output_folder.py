@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _builders import load_script
 from conftest import _tiny_config
 from PIL import Image
 
@@ -41,11 +41,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABL
 
 
 def _recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_recipe", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "recipes" / f"{name}.py", f"{name}_recipe")
 
 
 def _run(recipe: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -10,7 +10,6 @@ vector instead of forming the relevance matrix; refilling moves patches through 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _builders import load_script
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
@@ -345,10 +345,7 @@ def test_refill_through_patch_views_equals_patchify_where_unpatchify(fill, seed)
 def _load(name: str):
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return load_script(BENCHMARKS / f"{name}.py", f"_bench_{name}")
     finally:
         sys.path.remove(str(BENCHMARKS))
 

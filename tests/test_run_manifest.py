@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import datasets
 import pytest
-from _builders import save_tiny_clip, write_imagefolder
+from _builders import load_script, save_tiny_clip, write_imagefolder
 
 from hf_cfft.training.run_manifest import manifest_changes, rows_fingerprint
 
@@ -20,11 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _finetune():
-    spec = importlib.util.spec_from_file_location("finetune_recipe_manifest", ROOT / "recipes" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "recipes" / "finetune.py", "finetune_recipe_manifest")
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _builders import save_tiny_clip, write_imagefolder
+from _builders import load_script, save_tiny_clip, write_imagefolder
 from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 from safetensors.torch import load_file
@@ -100,17 +98,7 @@ def test_raw_dataset_without_an_image_processor_is_refused_with_the_fix(tiny_cla
 # ---- a straight-line step: the distillation view is fixed, never silently dropped ----
 
 
-@pytest.mark.parametrize(
-    ("knobs", "view"),
-    [
-        ({}, "counterfactual"),
-        ({"mask_kind": "random"}, "counterfactual"),
-        ({"mask_kind": "none", "fill_kind": "none"}, "clean"),
-        ({"distill_weight": 0.0}, "none"),
-    ],
-)
-def test_distill_view_is_fixed_from_the_config(tiny_classifier, tmp_path, knobs, view):
-    assert CfftTrainer(model=tiny_classifier, args=_config(tmp_path, **knobs)).distill_view == view
+# (what each method's distillation term sees: tests/test_methods.py)
 
 
 def test_user_collator_without_counterfactuals_raises_instead_of_vanilla_fine_tuning(tiny_classifier, tmp_path):
@@ -238,11 +226,7 @@ def test_clean_view_losses_equal_the_written_out_objective(tiny_classifier, tmp_
 
 
 def _finetune_recipe():
-    spec = importlib.util.spec_from_file_location("finetune_recipe_lpft", ROOT / "recipes" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "recipes" / "finetune.py", "finetune_recipe_lpft")
 
 
 def test_lp_ft_stage_two_starts_from_the_stage_one_head(tmp_path):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -14,6 +12,7 @@ import pytest
 import torch
 import yaml
 from _builders import (
+    load_script,
     recording_hub,
     save_tiny_clip,
     tiny_clip,
@@ -36,11 +35,7 @@ WORLD_YAML = ROOT / "recipes" / "configs" / "world.yaml"
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "recipes" / "finetune.py", "finetune_recipe")
 
 
 def _tiny_image_dataset(n: int = 8) -> Dataset:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _builders import save_tiny_clip, write_imagefolder
+from _builders import load_script, save_tiny_clip, write_imagefolder
 from PIL import Image
 from transformers.integrations import TensorBoardCallback
 
@@ -81,11 +79,7 @@ def test_no_fill_marks_removed_patches_and_one_image_cannot_be_refilled():
 
 
 def _recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_recipe", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "recipes" / f"{name}.py", f"{name}_recipe")
 
 
 def test_visualize_recipe_writes_the_grid_png(tmp_path):

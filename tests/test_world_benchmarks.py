@@ -2,21 +2,16 @@
 
 The world's frontier is a configuration of recipes/compare.py: tests/test_compare.py."""
 
-import importlib.util
 import pathlib
-import sys
 
 import pytest
+from _builders import load_script
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCHMARKS / f"{name}.py", f"bench_{name}")
 
 
 @pytest.fixture(scope="module")

@@ -24,22 +24,23 @@ from .config import CfftConfig
 from .data import CounterfactualCollator, prepare_train_dataset
 from .losses import counterfactual_loss
 from .masking import cam_patch_mask, make_counterfactuals
+from .methods import VIEWS as DISTILL_VIEWS
+from .methods import method_of
 from .modeling import ClipCfftForImageClassification
 from .training.base import LostProcessError, RobustTrainer
 
 logger = logging.get_logger(__name__)
 
-# What the distillation term sees, fixed from the config when the trainer is built.
-DISTILL_VIEWS = ("counterfactual", "clean", "none")
 # The batch keys the collator's masks and refill donors travel under, replaced by the counterfactual images.
 _COLLATED_COUNTERFACTUAL_KEYS = ("cf_mask", "cf_donors", "cf_pixel_values", "cf_patch_keep", "cf_skipped")
 
 
 def distill_view(args: CfftConfig) -> str:
-    """'counterfactual' (CFFT, random-mask), 'clean' (FT+FD, FT+KD: mask_kind='none') or 'none' (vanilla FT)."""
-    if args.distill_weight == 0:
-        return "none"
-    return "counterfactual" if args.uses_counterfactuals else "clean"
+    """What the distillation term sees, fixed from the config (the method's `hf_cfft.methods.Method.view`).
+
+    'counterfactual' (CFFT and its masks), 'clean' (FT+FD, FT+KD: mask_kind='none') or 'none' (vanilla FT, LP, FLYP).
+    """
+    return method_of(args).view
 
 
 class CfftTrainer(RobustTrainer):
@@ -386,4 +387,4 @@ class CfftTrainer(RobustTrainer):
         return {}
 
 
-__all__ = ["CfftTrainer", "DISTILL_VIEWS", "LostProcessError", "distill_view"]
+__all__ = ["DISTILL_VIEWS", "CfftTrainer", "LostProcessError", "distill_view"]

@@ -14,11 +14,9 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from .. import methods
 from ..evaluation.frontier import row_key
-
-NO_MASK = ("--mask_kind", "none", "--fill_kind", "none")
-KINDS = ("train", "zero_shot", "wise_ft", "uniform_soup", "greedy_soup")
-STRENGTHS = ("beta", "alpha", None)
+from ..methods import KINDS, STRENGTHS
 
 
 @dataclass(frozen=True)
@@ -49,36 +47,17 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r} ({self.kind}) needs a source: the trained method it averages")
 
 
-_CFFT = ("--mask_kind", "object", "--fill_kind")
+# hf_cfft's methods (hf_cfft.methods), as the comparison runs them: a cell's flags are the method's settings.
 METHODS: dict[str, MethodSpec] = {
-    "zero_shot": MethodSpec("zero-shot", kind="zero_shot"),
-    "ft": MethodSpec("vanilla FT", flags=("--distill_weight", "0", *NO_MASK)),
-    "lp": MethodSpec(
-        "linear probe", flags=("--linear_probe", "true", "--cam_source", "teacher", "--distill_weight", "0", *NO_MASK)
-    ),
-    "lp_ft": MethodSpec("LP-FT", flags=("--distill_weight", "0", *NO_MASK), init_from="lp"),
-    "ft_fd": MethodSpec("FT+FD", flags=NO_MASK, strength="beta"),
-    # The reference's FT+KD temperature (CfftConfig's default too), named so that the cell says where it comes from.
-    "ft_kd": MethodSpec(
-        "FT+KD", flags=(*NO_MASK, "--distill_target", "logits", "--kd_temperature", "10"), strength="beta"
-    ),
-    "cfft": MethodSpec("CFFT object/single", flags=(*_CFFT, "single"), strength="beta"),
-    "cfft_multi": MethodSpec("CFFT object/multi", flags=(*_CFFT, "multi"), strength="beta"),
-    "cfft_nofill": MethodSpec("CFFT object/none", flags=(*_CFFT, "none"), strength="beta"),
-    "cfft_random": MethodSpec(
-        "CFFT random/single", flags=("--mask_kind", "random", "--fill_kind", "single"), strength="beta"
-    ),
-    "cfft_context": MethodSpec(
-        "CFFT context/single", flags=("--mask_kind", "context", "--fill_kind", "single"), strength="beta"
-    ),
-    # LoRA (rank 8) in the image tower's attention projections, the head in full; CFFT's teacher is the same model
-    # with its adapters off. Needs the 'peft' extra.
-    "lora_ft": MethodSpec("LoRA FT", flags=("--lora_rank", "8", "--distill_weight", "0", *NO_MASK)),
-    "lora_cfft": MethodSpec("LoRA CFFT object/single", flags=("--lora_rank", "8", *_CFFT, "single"), strength="beta"),
-    "flyp": MethodSpec("FLYP", flags=("--method", "flyp", "--distill_weight", "0", *NO_MASK)),
-    "wise_ft": MethodSpec("WiSE-FT", kind="wise_ft", strength="alpha", source="ft"),
-    "uniform_soup": MethodSpec("uniform soup", kind="uniform_soup", source="ft"),
-    "greedy_soup": MethodSpec("greedy soup", kind="greedy_soup", source="ft"),
+    key: MethodSpec(
+        method.name,
+        kind=method.kind,
+        flags=method.flags,
+        strength=method.strength,
+        source=method.source,
+        init_from=method.init_from,
+    )  # fmt: skip
+    for key, method in methods.METHODS.items()
 }
 
 

@@ -21,6 +21,7 @@ import yaml
 from datasets import Dataset
 from transformers import HfArgumentParser, TrainingArguments
 
+from .. import methods
 from ..dataset_checks import check_columns, check_max_samples, check_train_classes, subset
 from ..evaluation import results_table, write_report
 from ..trainer import LostProcessError
@@ -615,18 +616,7 @@ def write_results(
 
 def run_label(args) -> str:
     """The method and strength a fine-tuning run's ``args`` train, for its row of the results table."""
-    beta = float(getattr(args, "distill_weight", 0.0))
-    if getattr(args, "method", "") == "flyp":
-        name = "FLYP"
-    elif getattr(args, "linear_probe", False):
-        name = "linear probe"
-    elif beta == 0:
-        name = "vanilla FT (beta 0)"
-    elif args.mask_kind == "none":
-        name = f"{'FT+KD' if args.distill_target == 'logits' else 'FT+FD'} (beta {beta:g})"
-    else:
-        name = f"CFFT {args.mask_kind}/{args.fill_kind} (beta {beta:g})"
-    return f"{name}, this run"
+    return f"{methods.run_label(args)}, this run"
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -17,6 +17,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..evaluation.report import results_table
+from ..methods import method_of
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 CARD_NAME = "README.md"
@@ -125,10 +126,12 @@ def method_info(training_args: Any = None, origin: Mapping[str, Any] | None = No
         )  # fmt: skip
     args = _as_dict(training_args)
     beta = float(args.get("distill_weight", 30.0) or 0.0)
-    if args.get("method") == "flyp":
+    method = method_of(args, from_classifier=bool(origin.get("from_classifier")))
+    family = method.family
+    if family == "flyp":
         return _info(
-            "flyp", "trained by **FLYP** (image and text towers fine-tuned with the contrastive pre-training loss)",
-            "flyp",
+            family, "trained by **FLYP** (image and text towers fine-tuned with the contrastive pre-training loss)",
+            method.tag,
             "FLYP (Goyal et al., CVPR 2023, *Finetune like you pretrain*; a baseline, no distillation): the image and "
             "text towers were fine-tuned together with the model's own pre-training loss (CLIP's symmetric "
             "contrastive loss, or SigLIP's sigmoid loss), each train image paired with a prompt of its class name "
@@ -136,38 +139,37 @@ def method_info(training_args: Any = None, origin: Mapping[str, Any] | None = No
             "then rebuilt from the fine-tuned text tower's class-name prompts, as a zero-shot head.",
             start=" (both towers)",
         )  # fmt: skip
-    if args.get("linear_probe"):
+    if family == "lp":
         return _info(
-            "linear_probe", "trained by **linear probing** (the head only; the image encoder is frozen)",
-            "linear-probe", "Only the linear head was trained (cross-entropy); the image encoder is unchanged.",
+            family, "trained by **linear probing** (the head only; the image encoder is frozen)", method.tag,
+            "Only the linear head was trained (cross-entropy); the image encoder is unchanged.",
         )  # fmt: skip
-    if beta == 0:
-        if origin.get("from_classifier"):
-            return _info(
-                "lp_ft", "trained by **LP-FT** (its fine-tuning stage, from a linear-probed head)", "lp-ft",
-                "The whole model was fine-tuned with cross-entropy, starting from a classifier whose head was first "
-                "trained alone (linear probe): the LP-FT baseline.", start=", a saved classifier",
-            )  # fmt: skip
+    if family == "lp_ft":
         return _info(
-            "vanilla", "trained by **vanilla fine-tuning** (cross-entropy only, beta = 0: a baseline)",
-            "vanilla-fine-tuning", "The whole model was fine-tuned with cross-entropy alone, without distillation.",
+            family, "trained by **LP-FT** (its fine-tuning stage, from a linear-probed head)", method.tag,
+            "The whole model was fine-tuned with cross-entropy, starting from a classifier whose head was first "
+            "trained alone (linear probe): the LP-FT baseline.", start=", a saved classifier",
         )  # fmt: skip
-    if args.get("mask_kind") == "none":
-        if args.get("distill_target") == "logits":
-            temperature = args.get("kd_temperature")
-            return _info(
-                "ft_kd", f"trained by **FT+KD** (fine-tuning + logit distillation on clean images, beta = {beta:g})",
-                "knowledge-distillation",
-                f"This checkpoint distils the frozen model's logits on the clean images (no masking: the FT+KD "
-                f"baseline) with beta = {beta:g}"
-                + (f" and temperature {float(temperature):g}." if temperature else "."),
-            )  # fmt: skip
+    if family == "ft":
         return _info(
-            "ft_fd", f"trained by **FT+FD** (fine-tuning + feature distillation on clean images, beta = {beta:g})",
-            "feature-distillation",
+            family, "trained by **vanilla fine-tuning** (cross-entropy only, beta = 0: a baseline)", method.tag,
+            "The whole model was fine-tuned with cross-entropy alone, without distillation.",
+        )  # fmt: skip
+    if family == "ft_kd":
+        temperature = args.get("kd_temperature")
+        return _info(
+            family, f"trained by **FT+KD** (fine-tuning + logit distillation on clean images, beta = {beta:g})",
+            method.tag,
+            f"This checkpoint distils the frozen model's logits on the clean images (no masking: the FT+KD "
+            f"baseline) with beta = {beta:g}" + (f" and temperature {float(temperature):g}." if temperature else "."),
+        )  # fmt: skip
+    if family == "ft_fd":
+        return _info(
+            family, f"trained by **FT+FD** (fine-tuning + feature distillation on clean images, beta = {beta:g})",
+            method.tag,
             f"This checkpoint distils on the clean images (no masking: the FT+FD baseline) with beta = {beta:g}.",
         )  # fmt: skip
-    return _info("cfft", "fine-tuned with **counterfactual fine-tuning** (CFFT)", "counterfactual-fine-tuning", "")
+    return _info(family, "fine-tuned with **counterfactual fine-tuning** (CFFT)", method.tag, "")
 
 
 def beta_of(training: Mapping[str, Any]) -> float:

@@ -40,6 +40,7 @@ def rows_fingerprint(dataset: Any, image_column: str = "image", label_column: st
     """
     if not isinstance(dataset, datasets.Dataset):
         return None
+    dataset = dataset.with_format(None)  # the stored rows, not what a transform set on them makes
     digest = hashlib.sha256()
     digest.update(json.dumps(sorted(dataset.column_names)).encode())
     digest.update(str(len(dataset)).encode())
