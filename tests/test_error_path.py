@@ -199,3 +199,27 @@ def test_resume_auto_on_a_finished_run_says_it_is_finished(workspace, tmp_path, 
     _recipe().main(_args(workspace, out, "--resume_from_checkpoint", "auto", *longer))
     assert (out / "checkpoint-3").is_dir()
     assert f"Resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out  # a resumed run names its checkpoint
+
+
+def test_the_trainer_itself_refuses_resume_auto_on_a_finished_run(tmp_path, tiny_classifier, tiny_image_processor):
+    """For library users who call CfftTrainer.train(resume_from_checkpoint='auto') without the recipe."""
+    import copy
+
+    import datasets
+    from PIL import Image
+
+    from hf_cfft import CfftConfig, CfftTrainer
+
+    images = [Image.new("RGB", (32, 32), (30 * i, 200 - 20 * i, 90)) for i in range(8)]
+    train = datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(8)]})
+    args = CfftConfig(
+        output_dir=str(tmp_path / "run"), max_steps=2, save_steps=1, per_device_train_batch_size=4, use_cpu=True,
+        distill_weight=0.0, mask_kind="none", fill_kind="none", report_to="none",
+    )  # fmt: skip
+    start = copy.deepcopy(tiny_classifier)
+    trainer = CfftTrainer(model=tiny_classifier, args=args, train_dataset=train, processing_class=tiny_image_processor)
+    trainer.train()
+    trainer.save_model()
+    again = CfftTrainer(model=start, args=args, train_dataset=train, processing_class=tiny_image_processor)
+    with pytest.raises(ValueError, match="holds a finished run .*nothing is left to resume"):
+        again.train(resume_from_checkpoint="auto")

@@ -21,6 +21,7 @@ from _builders import (
 
 from hf_cfft import CfftConfig, ClipCfftForImageClassification, load_classifier, load_templates, wise_ft
 from hf_cfft.baselines.flyp import FlypTrainer, contrastive_loss, load_contrastive_model
+from hf_cfft.build import recorded_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ["a photo of a {}.", "a cropped photo of the {}."]
@@ -127,6 +128,12 @@ def test_flyp_with_learning_rate_zero_saves_the_zero_shot_classifier(workspace, 
     for key, tensor in zero_shot.state_dict().items():
         assert torch.equal(saved.state_dict()[key], tensor), key
     assert results["fine-tuned"] == results["zero-shot"]
+    # It records the pre-trained checkpoint it came from, as every classifier does (WiSE-FT and soups check it).
+    assert (
+        recorded_base_model(saved)
+        == recorded_base_model(zero_shot)
+        == {"name_or_path": str(clip), "fingerprint": recorded_base_model(zero_shot)["fingerprint"]}
+    )
 
 
 def test_flyp_trains_both_towers_and_its_classifier_works_with_wise_ft(workspace, tmp_path):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer import Trainer
 
-from ..build import classifier_from_pretrained, is_cfft_checkpoint
+from ..build import BASE_MODEL_KEY, base_model_record, classifier_from_pretrained, is_cfft_checkpoint
 from ..config import CfftConfig
 from ..data import CounterfactualCollator, prepare_train_dataset
 from ..families import family_for_model_type, family_of, tokenizer_kwargs
@@ -117,6 +117,9 @@ class FlypTrainer(RobustTrainer):
                 seed=args.seed,
             )  # fmt: skip
         self._classifier_config: PretrainedConfig | None = None
+        # The pre-trained checkpoint the saved classifiers come from (before any step changes the weights): WiSE-FT
+        # and soups refuse to average classifiers of different base models.
+        self.base_model_record = base_model_record(str(model.config._name_or_path or "unknown"), model)
         super().__init__(
             model=model,
             args=args,
@@ -169,7 +172,9 @@ class FlypTrainer(RobustTrainer):
         weights, bias = build_zeroshot_head(
             model, self.text_tokenizer, self.class_names, self.templates, show_progress=False
         )
-        return classifier_from_pretrained(model, weights, self.class_names, head_bias=bias).to(self.args.device).eval()
+        classifier = classifier_from_pretrained(model, weights, self.class_names, head_bias=bias)
+        setattr(classifier.config, BASE_MODEL_KEY, dict(self.base_model_record))
+        return classifier.to(self.args.device).eval()
 
     def _save_weights(self, folder: str, output_dir: str | None, _internal_call: bool) -> None:
         """A ``checkpoint-N`` gets the whole contrastive model (to resume); anything else, the classifier."""

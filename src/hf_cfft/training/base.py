@@ -135,7 +135,7 @@ class RobustTrainer(Trainer):
         ``args.allow_changed_args_on_resume`` (the change is then recorded in the card and the JSON).
         """
         args = self.args
-        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, args.output_dir)
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, args.output_dir, args=args)
         # Marked and locked for the whole run (hf_cfft.output_folder): a second run into it is refused meanwhile.
         with OutputFolder(
             args.output_dir, "finetune", overwrite=args.overwrite_output_dir, resuming=checkpoint is not None,
