@@ -36,14 +36,14 @@ TOWERS = {
     "metaclip_2": (MetaClip2VisionModel, True),
     "siglip": (SiglipVisionModel, False),
 }
-FAMILIES = tuple(TOWERS)
+TOWER_FAMILIES = tuple(TOWERS)  # the families a saved classifier can hold (hf_cfft.families.FAMILIES: the checkpoints)
 
 
 class CfftClassifierConfig(PreTrainedConfig):
     """Config of `CfftImageClassifier`.
 
     Args:
-        family: the image tower's family, one of `FAMILIES` ("clip", "metaclip_2", "siglip").
+        family: the image tower's family, one of `TOWER_FAMILIES` ("clip", "metaclip_2", "siglip").
         vision_config: the tower's vision config (``CLIPVisionConfig``, ``MetaClip2VisionConfig``,
             ``SiglipVisionConfig``) or its dict, whose ``model_type`` picks the class.
         projection_dim: width of the image embedding: the ``visual_projection`` output, or for SigLIP (no projection)
@@ -62,7 +62,7 @@ class CfftClassifierConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         if self.family not in TOWERS:
-            raise ValueError(f"family={self.family!r} is not one of {FAMILIES}")
+            raise ValueError(f"family={self.family!r} is not one of {TOWER_FAMILIES}")
         super().__post_init__(**kwargs)
 
 
