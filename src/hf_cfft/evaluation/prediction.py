@@ -21,12 +21,9 @@ from tqdm.auto import tqdm
 from .._distributed import gather_rows, shard_bounds, world
 from ..images import preprocess_images
 from .protocols import EvalSet, dataset_eval_sets
+from .report import ACCURACY_DECIMALS, OOD_AVG, ood_average
 
 ACCURACY_METRIC = os.path.join(os.path.dirname(__file__), "metrics", "accuracy.py")
-OOD_AVG = "ood_avg"
-# Accuracies (%) are rounded to this many decimals where they are computed: 100 * 0.939 is 93.89999999999999 in
-# binary floating point, and 1e-6 % is far below one image of any evaluation set (one image in 10^6 is 1e-4 %).
-ACCURACY_DECIMALS = 6
 
 
 def load_accuracy() -> evaluate.EvaluationModule:
@@ -172,7 +169,7 @@ def evaluate_splits(
             **predict_kwargs,
         )
         results[eval_set.name] = top1_accuracy(eval_set.protocol.predict(logits, restrict=restrict), labels, metric)
-    present = [name for name in ood_splits if name in results]
-    if present:
-        results[OOD_AVG] = round(sum(results[name] for name in present) / len(present), ACCURACY_DECIMALS)
+    average = ood_average(results, ood_splits)
+    if average is not None:
+        results[OOD_AVG] = average
     return results
