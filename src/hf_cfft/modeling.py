@@ -36,7 +36,7 @@ TOWERS = {
     "metaclip_2": (MetaClip2VisionModel, True),
     "siglip": (SiglipVisionModel, False),
 }
-TOWER_FAMILIES = tuple(TOWERS)  # the families a saved classifier can hold (hf_cfft.families.FAMILIES: the checkpoints)
+TOWER_FAMILIES = tuple(TOWERS)  # the tower families a saved classifier can hold
 
 
 class CfftClassifierConfig(PreTrainedConfig):

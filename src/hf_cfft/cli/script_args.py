@@ -24,6 +24,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from .. import methods
 from ..dataset_checks import check_columns, check_max_samples, check_train_classes, subset
 from ..evaluation import results_table, write_report
+from ..hub_ids import reads_as_path
 from ..trainer import LostProcessError
 from .launch import first_to_report, refuse_a_lone_launch, stop_the_launcher
 from .sources import WORLD, class_names_of, load_image_splits
@@ -415,18 +416,13 @@ def default_model(model_name_or_path: str | None, dataset_name: str, flag: str =
 def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
     """Refuse a model folder that does not exist, before transformers turns it into a Hub lookup.
 
-    ``name`` counts as a folder when it reads as a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) or its first component
-    is an existing local folder (``outputs/world_lp_ft_stage1`` once ``outputs/`` exists).
+    ``name`` counts as a folder when it reads as a path (`hf_cfft.hub_ids.reads_as_path`).
     """
     if os.path.isdir(os.path.expanduser(name)):
         return
-    first = name.split("/", 1)[0]
-    looks_like_a_path = (
-        name.startswith((".", "/", "~")) or name.count("/") >= 2 or ("/" in name and os.path.isdir(first))
-    )
-    if not looks_like_a_path:
+    if not reads_as_path(name):
         check_hub_reachable(name, flag)
-    if looks_like_a_path:
+    else:
         raise FileNotFoundError(
             f"{flag} {name!r}: no such folder (relative paths are read from the working directory {os.getcwd()}). "
             "If it is the output of an earlier run (e.g. LP-FT stage 1: recipes/configs/baselines/lp_ft_stage1.yaml), "

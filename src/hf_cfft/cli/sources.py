@@ -8,14 +8,10 @@ from collections.abc import Sequence
 from datasets import ClassLabel, Dataset, load_dataset
 
 from ..dataset_checks import check_class_names_file, check_image_folder
+from ..hub_ids import reads_as_path
 from ..zeroshot import load_class_names
 
 WORLD = "world"
-
-
-def _looks_like_path(name: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else with a slash is meant as a folder.
-    return name.startswith((".", "/", "~")) or name.count("/") >= 2
 
 
 def load_image_splits(
@@ -65,7 +61,7 @@ def load_image_splits(
             raise ValueError(f"{flag} {value} applies to the embedded world only, not to {dataset_name!r}; drop it")
     if os.path.isdir(os.path.expanduser(dataset_name)):
         return _local_image_folder(os.path.expanduser(dataset_name), splits)
-    if _looks_like_path(dataset_name):
+    if reads_as_path(dataset_name):
         raise FileNotFoundError(
             f"dataset folder {dataset_name!r} does not exist; pass an existing ImageFolder directory "
             "(<dir>/<split>/<class>/<image>) or a Hub dataset id"

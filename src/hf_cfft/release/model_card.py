@@ -16,7 +16,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..evaluation.report import results_table
+from ..evaluation.report import OOD_AVG, results_table
+from ..hub_ids import hub_id
 from ..methods import method_of
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
@@ -27,17 +28,13 @@ ORIGIN_JSON = "model_origin.json"  # how a checkpoint not trained by CfftTrainer
 
 TAGS = ("hf_cfft", "clip", "vision", "image-classification", "robust-fine-tuning")
 FINE_TUNED = "fine-tuned"  # the row of eval_results.json that describes this checkpoint
-OOD_AVG = "ood_avg"
 WORLD = "world"  # the embedded world's dataset name (hf_cfft.cli.sources.WORLD; the library does not import cli)
 _WORLD_TYPE = "hf_cfft-world"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def _hub_id(name: str | None) -> str | None:
     """``name`` when it reads as a Hub repo id ("name" or "owner/name") rather than a local folder, else None."""
-    if not name or name == WORLD or not _HUB_ID.match(name) or os.path.exists(os.path.expanduser(name)):
-        return None
-    return name
+    return None if name == WORLD else hub_id(name)
 
 
 def _describe_base_model(base_model: str | None) -> dict[str, str | None]:
