@@ -311,10 +311,13 @@ def test_the_adaptation_world_configs_parse_to_exactly_their_cells():
     by_method: dict[str, int] = {}
     for cell in cells:
         by_method[cell.key] = by_method.get(cell.key, 0) + 1
-    # 5 seeds; WiSE-FT at 5 alphas; the five distillation methods at beta 1, 3, 10; the probe, LP-FT and FLYP.
-    assert by_method == {"zero_shot": 5, "ft": 5, "wise_ft": 25, "oracle": 5, "cfft": 15, "ft_fd": 15,
-                         "cfft_nofill": 15, "cfft_random": 15, "cfft_context": 15, "lp": 5, "lp_ft": 5,
+    # 5 seeds; WiSE-FT at 5 alphas; CFFT object/single, FT+FD and object/none at beta 0.3, 1, 3, 10, 30, random
+    # and context masks at beta 1, 3, 10; the probe, LP-FT and FLYP.
+    assert by_method == {"zero_shot": 5, "ft": 5, "wise_ft": 25, "oracle": 5, "cfft": 25, "ft_fd": 25,
+                         "cfft_nofill": 25, "cfft_random": 15, "cfft_context": 15, "lp": 5, "lp_ft": 5,
                          "flyp": 5}  # fmt: skip
+    strengths = {c.strength for c in cells if c.key == "cfft"}
+    assert strengths == {0.3, 1.0, 3.0, 10.0, 30.0}
     # The design grid holds no distillation method: the criteria involve zero-shot, probes, vanilla FT and the oracle.
     args, registry, _ = parse_compare_args(["--config", str(ADAPTATION / "adaptation_design.yaml")])
     cells = plan_cells(args.methods, registry, betas=args.betas, alphas=args.alphas, seeds=args.seeds, epochs=1)
