@@ -264,6 +264,14 @@ def test_baseline_configs_set_their_knobs(finetune):
     _, _, world_default, _ = _parse(finetune, "../world.yaml")
     assert (cfft.mask_kind, cfft.fill_kind) == ("object", "single")
     assert cfft.distill_weight == world_default.distill_weight == fd.distill_weight
+    # Each config trains the method compare's cell of that name trains (one table: hf_cfft.methods).
+    from hf_cfft.methods import method_of
+
+    _, _, flyp, _ = _parse(finetune, "flyp.yaml")
+    named = [("ft", vanilla), ("lp", probe), ("ft_fd", fd), ("ft_kd", kd), ("lp", stage1), ("cfft", cfft)]
+    named.append(("flyp", flyp))
+    assert [method_of(config).key for _, config in named] == [key for key, _ in named]
+    assert method_of(stage2, from_classifier=True).key == "lp_ft"
 
 
 # ---- issue 24: the recorded pre-trained model, not only the shapes ----
