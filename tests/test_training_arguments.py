@@ -103,3 +103,34 @@ def test_a_train_set_smaller_than_one_batch_is_refused_before_the_cam_pass(tmp_p
     args = _config(tmp_path, per_device_train_batch_size=4, max_steps=5)
     with pytest.raises(ValueError, match=r"has 3 image\(s\), fewer than one batch of 4 .*at most 3"):
         CfftTrainer(model=tiny_classifier, args=args, train_dataset=train, processing_class=tiny_image_processor())
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--per_device_train_batch_size", "4", "--max_train_samples", "3"], "fewer than one batch of 4"),
+        (["--auto_find_batch_size", "true"], "--auto_find_batch_size True: after an out-of-memory error"),
+        (["--label_smoothing_factor", "0.1", "--method", "flyp", "--distill_weight", "0", "--mask_kind", "none",
+          "--fill_kind", "none"], "FLYP's contrastive loss has no class targets"),
+    ],
+)  # fmt: skip
+def test_the_recipe_refuses_them_in_one_line_as_a_user_runs_it(tmp_path, flags, message):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from _builders import save_tiny_clip, write_imagefolder
+
+    root = Path(__file__).resolve().parents[1]
+    clip, images = save_tiny_clip(tmp_path / "clip"), write_imagefolder(tmp_path / "images", per_class=2)
+    command = [
+        sys.executable, str(root / "recipes" / "finetune.py"), "--model_name_or_path", str(clip), "--dataset_name",
+        str(images), "--eval_splits", "test", "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
+        "--templates", "simple", "--use_cpu", "true", *flags,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.count("error: ") == 1 and message in done.stderr
+    assert not (tmp_path / "run" / "model.safetensors").exists()
