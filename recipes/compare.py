@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     lock = LOCK_NAME if count == 1 else f".hf_cfft.shard-{index}of{count}.lock"
     with OutputFolder(args.output_dir, "compare", write=int(os.environ.get("RANK", "0")) == 0, lock_name=lock):
         paths = run_compare(
-            args, registry, finetune_argv, train=functools.partial(finetune, default_config=DEFAULT_CONFIG),
+            args, registry, finetune_argv,
+            train=functools.partial(finetune, default_config=DEFAULT_CONFIG, report=print),
             parse=functools.partial(parse_finetune_args, default_config=DEFAULT_CONFIG),
             report=lambda line: print(line, flush=True),
         )  # fmt: skip

@@ -30,7 +30,7 @@ def parse_args(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return finetune(sys.argv[1:] if argv is None else argv, default_config=DEFAULT_CONFIG)
+    return finetune(sys.argv[1:] if argv is None else argv, default_config=DEFAULT_CONFIG, report=print)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,6 +42,8 @@ from .script_args import (
     write_results,
 )
 from .sources import WORLD, class_names_for
+
+logger = logging.getLogger(__name__)
 
 VANILLA_ROW = "vanilla FT (beta 0)"
 
@@ -84,26 +88,33 @@ def vanilla_config(args: CfftConfig, output_dir: str) -> CfftConfig:
     )
 
 
-def finetune(argv: list[str], *, default_config: str | Path | None = None) -> dict:
-    """Run the job of ``argv`` (flags over ``--config`` or ``default_config``); returns the results table's rows."""
+def finetune(
+    argv: list[str], *, default_config: str | Path | None = None, report: Callable[[str], None] | None = None
+) -> dict:
+    """Run the job of ``argv`` (flags over ``--config`` or ``default_config``); returns the results table's rows.
+
+    ``report`` receives the job's lines for the user (the config in force, the resume, the results table, where the
+    model went), from the main process only; the recipes pass ``print``, the default logs them.
+    """
+    say = report or logger.info
     model_args, data_args, args, run_args = parse_finetune_args(argv, default_config)
     config = config_in_force(argv, default_config)
     if args.process_index == 0:
-        print(f"Config: {config} (flags override it)" if config else "Config: none (CfftConfig defaults + flags)")
+        say(f"Config: {config} (flags override it)" if config else "Config: none (CfftConfig defaults + flags)")
     model_args.model_name_or_path = default_model(model_args.model_name_or_path, data_args.dataset_name)
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, args=args)
     if resume is not None and args.process_index == 0:
-        print(f"Resuming from {resume}")
+        say(f"Resuming from {resume}")
     # Before hours of data loading and CAMs: a file, a read-only folder, another kind of output, the user's own files
     # or a run already writing there are refused; the folder stays locked until this run ends.
     with OutputFolder(
         args.output_dir, "finetune", overwrite=args.overwrite_output_dir, resuming=resume is not None,
         write=args.process_index == 0,
     ):  # fmt: skip
-        return _train_and_evaluate(model_args, data_args, args, run_args, resume)
+        return _train_and_evaluate(model_args, data_args, args, run_args, resume, say)
 
 
-def _train_and_evaluate(model_args, data_args, args, run_args, resume) -> dict:
+def _train_and_evaluate(model_args, data_args, args, run_args, resume, say: Callable[[str], None]) -> dict:
     check_run_folder(args, resume)  # the trainer checks again
 
     # One process per machine loads (and caches) the dataset first; the others then read its cache instead of
@@ -147,9 +158,9 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume) -> dict:
             data_source=source, **columns,
         )  # fmt: skip
     if trainer.skipped_images:
-        print(f"Skipped {trainer.skipped_images} unreadable train image(s); training on {len(trainer.train_dataset)}.")
+        say(f"Skipped {trainer.skipped_images} unreadable train image(s); training on {len(trainer.train_dataset)}.")
     if args.process_index == 0:
-        print(f"Training on {len(trainer.train_dataset)} images with {args.world_size} process(es) on {args.device}.")
+        say(f"Training on {len(trainer.train_dataset)} images with {args.world_size} process(es) on {args.device}.")
     trainer.base_model, trainer.dataset_name = model_args.model_name_or_path, data_args.dataset_name
     trainer.ood_splits = data_args.ood_splits
     if is_cfft_checkpoint(model_args.model_name_or_path):  # e.g. LP-FT's second stage: the card says so
@@ -190,21 +201,21 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume) -> dict:
     trainer.save_model(args.output_dir)
     if vanilla_start is not None:
         results = _with_vanilla_row(
-            results, vanilla_start, args, train, splits, (image_processor, eval_processor), evaluate_kwargs
+            results, vanilla_start, args, train, splits, (image_processor, eval_processor), evaluate_kwargs, say
         )
         if trainer.is_world_process_zero():
             trainer.eval_results = results
             trainer.create_model_card()  # the card's table gains the vanilla row
     if splits and trainer.is_world_process_zero():
         table = write_results(results, args.output_dir, data_args, stem="eval_results", row_names=_row_names(args))
-        print("\nTop-1 accuracy (%)\n" + table + _ood_summary(results, args))
+        say("\nTop-1 accuracy (%)\n" + table + _ood_summary(results, args))
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
-        print(f"Saved the fine-tuned model, its model card and eval_results.json/.md to {args.output_dir}")
+        say(f"Saved the fine-tuned model, its model card and eval_results.json/.md to {args.output_dir}")
     return results
 
 
-def _with_vanilla_row(results, start_model, args, train, splits, processors, evaluate_kwargs) -> dict:
+def _with_vanilla_row(results, start_model, args, train, splits, processors, evaluate_kwargs, say) -> dict:
     """``results`` with vanilla fine-tuning's row (trained here, not saved) before the "fine-tuned" row.
 
     ``processors``: (the checkpoint's image processor, for training; the evaluation one).
@@ -220,7 +231,7 @@ def _with_vanilla_row(results, start_model, args, train, splits, processors, eva
             label_column=evaluate_kwargs["label_column"],
         )
         if args.process_index == 0:
-            print("Training vanilla fine-tuning (beta 0, no masks; same data, steps, seed) for comparison.")
+            say("Training vanilla fine-tuning (beta 0, no masks; same data, steps, seed) for comparison.")
         vanilla.train()
         if not splits:
             return results
