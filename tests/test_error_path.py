@@ -65,6 +65,29 @@ LAUNCHES = {
 }
 
 
+def test_only_one_process_of_a_launch_signals_the_launcher(monkeypatch, tmp_path):
+    """Before: every failing process sent SIGTERM; the second one reached the torchrun agent while it was shutting
+    its workers down and broke that off with a logging traceback (seen in CI, 2026-12-03)."""
+    import tempfile
+
+    from hf_cfft.cli import launch
+
+    sent, slept = [], []
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(launch, "_launched_by_accelerate", lambda environ: True)
+    monkeypatch.setattr(launch.os, "close", lambda fd: None)  # the real call closes stderr
+    monkeypatch.setattr(launch.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    monkeypatch.setattr("time.sleep", slept.append)
+    environ = {"WORLD_SIZE": "2", "MASTER_PORT": "29500"}
+    assert [launch.stop_the_launcher(environ), launch.stop_the_launcher(environ)] == [True, False]
+    assert len(sent) == 1 and sent[0][0] == os.getppid()
+    assert slept == [1.0, 1.0, launch._STOP_WAIT_S]  # the second one waits to be stopped with the others
+    # one message is printed once per launch; another message is printed too
+    assert [launch.first_to_report("a", environ), launch.first_to_report("a", environ)] == [True, False]
+    assert launch.first_to_report("b", environ)
+    assert launch.first_to_report("a", {"WORLD_SIZE": "1"})
+
+
 @pytest.mark.xdist_group("two_processes")  # one port (29500): launches of two processes run one at a time
 @pytest.mark.parametrize("launch", list(LAUNCHES))
 def test_a_handled_error_under_accelerate_launch_is_printed_once_without_a_traceback(tmp_path, launch):

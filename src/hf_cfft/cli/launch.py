@@ -69,19 +69,28 @@ def _launched_by_accelerate(environ=os.environ) -> bool:
     )
 
 
-def first_to_report(message: str, environ=os.environ) -> bool:
-    """Whether this process is the first of its launch to report ``message`` (one process: always).
+def _started_at(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, Linux), so that a reused process id names a new launch."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
 
-    The processes of one launch that fail with the same message (a bad flag fails them all) share a marker file named
-    by their launcher's process id, the rendezvous port and the message, created by the first one only.
+
+def _first_of_launch(name: str, environ=os.environ) -> bool:
+    """Whether this process is the first of its launch to claim ``name`` (one process: always).
+
+    The processes of one launch share a marker file named by their launcher's process id, the rendezvous port and
+    ``name``, created by the first one only.
     """
     if int(environ.get("WORLD_SIZE", "1")) <= 1:
         return True
     import hashlib
     import tempfile
 
-    digest = hashlib.blake2b(message.encode(), digest_size=8).hexdigest()
-    launch = f"{os.getppid()}-{environ.get('MASTER_PORT', '')}"
+    digest = hashlib.blake2b(name.encode(), digest_size=8).hexdigest()
+    launch = f"{os.getppid()}-{_started_at(os.getppid())}-{environ.get('MASTER_PORT', '')}"
     marker = os.path.join(tempfile.gettempdir(), f"hf_cfft-error-{launch}-{digest}")
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -90,6 +99,14 @@ def first_to_report(message: str, environ=os.environ) -> bool:
     except OSError:
         return True  # no shared scratch folder: better twice than never
     return True
+
+
+def first_to_report(message: str, environ=os.environ) -> bool:
+    """Whether this process is the first of its launch to report ``message`` (one process: always).
+
+    The processes of one launch that fail with the same message (a bad flag fails them all) print it once.
+    """
+    return _first_of_launch("report:" + message, environ)
 
 
 def stop_the_launcher(environ=os.environ) -> bool:
@@ -116,8 +133,17 @@ def stop_the_launcher(environ=os.environ) -> bool:
     except OSError:
         pass
     time.sleep(1.0)
+    if not _first_of_launch("stop the launcher", environ):
+        # Another process of this launch has signalled the launcher. A second SIGTERM would reach the launcher while
+        # it shuts its processes down, and break that off with a traceback of its own; an exit now would be reported
+        # as a failed child. Wait to be stopped with the others.
+        time.sleep(_STOP_WAIT_S)
+        return False
     try:
         os.kill(os.getppid(), signal.SIGTERM)
     except OSError:
         return False
     return True
+
+
+_STOP_WAIT_S = 60.0  # how long a process waits for the launcher to stop it before it exits by itself
