@@ -56,7 +56,7 @@ class ModelSize:
 SIZES = {
     # Test-only: the smallest model that exercises every code path in a second.
     "micro": ModelSize(32, 8, 32, 2, 2, 16, 8, 3, 32),
-    # The embedded world's CLIP (hf_cfft.world_pretrain.build_world_clip_config): the CPU benchmark.
+    # The embedded world's CLIP (hf_cfft.world.pretrain.build_world_clip_config): the CPU benchmark.
     "tiny": ModelSize(32, 4, 128, 4, 4, 64, 64, 10, 32),
     # OpenAI CLIP ViT-B/32 and ViT-B/16 image towers with ImageNet's 1000-class head: the GPU benchmark.
     "vit-b32": ModelSize(224, 32, 768, 12, 12, 512, 256, 1000, 256),
