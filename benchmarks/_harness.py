@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from _live_tensors import LiveTensorPeak  # benchmarks/, beside this file
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -228,9 +229,9 @@ def count_flops(fn: Callable[[], object]) -> int:
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, int | None]:
     """(peak bytes allocated by ``fn`` above what was live before it, absolute device peak or None on CPU).
 
-    CUDA: the caching allocator's own counters. CPU: the sizes of every tensor allocation and free that
-    ``torch.profiler`` records, summed in time order; process RSS would mix in the allocator's and other threads'
-    memory, so it is not used.
+    CUDA: the caching allocator's own counters. CPU: the live tensor bytes that `_live_tensors.LiveTensorPeak` counts
+    (every storage made inside ``fn``, until torch frees it), the same measure as benchmarks/memory.py's tensor peak;
+    process RSS would mix in the allocator's and the Python heap's memory, so it is not used.
     """
     if device.type == "cuda":
         _sync(device)
@@ -240,16 +241,9 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> tuple[i
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device)
         return peak - base, peak
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with LiveTensorPeak() as live:
         fn()
-    events = [
-        e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"
-    ]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak, None
+    return live.peak, None
 
 
 class TrainStep:
