@@ -28,7 +28,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_clip(seed: int = 0) -> CLIPModel:
+def tiny_clip(seed: int = 0, **text_overrides) -> CLIPModel:
+    """A 2-layer CLIP (32 px images, 8 px patches, projection 16), initialised from ``seed``; ``text_overrides``
+    replace entries of its text config (e.g. ``vocab_size``, ``attention_dropout``)."""
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config=dict(
@@ -41,7 +43,8 @@ def tiny_clip(seed: int = 0) -> CLIPModel:
             pad_token_id=0,
             bos_token_id=2,
             eos_token_id=3,
-        ),
+        )
+        | text_overrides,
         vision_config=dict(
             hidden_size=32,
             intermediate_size=37,
