@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from _live_tensors import LiveTensorPeak  # benchmarks/, beside this file
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -56,7 +57,7 @@ class ModelSize:
 SIZES = {
     # Test-only: the smallest model that exercises every code path in a second.
     "micro": ModelSize(32, 8, 32, 2, 2, 16, 8, 3, 32),
-    # The embedded world's CLIP (hf_cfft.world_pretrain.build_world_clip_config): the CPU benchmark.
+    # The embedded world's CLIP (hf_cfft.world.pretrain.build_world_clip_config): the CPU benchmark.
     "tiny": ModelSize(32, 4, 128, 4, 4, 64, 64, 10, 32),
     # OpenAI CLIP ViT-B/32 and ViT-B/16 image towers with ImageNet's 1000-class head: the GPU benchmark.
     "vit-b32": ModelSize(224, 32, 768, 12, 12, 512, 256, 1000, 256),
@@ -228,9 +229,9 @@ def count_flops(fn: Callable[[], object]) -> int:
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, int | None]:
     """(peak bytes allocated by ``fn`` above what was live before it, absolute device peak or None on CPU).
 
-    CUDA: the caching allocator's own counters. CPU: the sizes of every tensor allocation and free that
-    ``torch.profiler`` records, summed in time order; process RSS would mix in the allocator's and other threads'
-    memory, so it is not used.
+    CUDA: the caching allocator's own counters. CPU: the live tensor bytes that `_live_tensors.LiveTensorPeak` counts
+    (every storage made inside ``fn``, until torch frees it), the same measure as benchmarks/memory.py's tensor peak;
+    process RSS would mix in the allocator's and the Python heap's memory, so it is not used.
     """
     if device.type == "cuda":
         _sync(device)
@@ -240,16 +241,9 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> tuple[i
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device)
         return peak - base, peak
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with LiveTensorPeak() as live:
         fn()
-    events = [
-        e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"
-    ]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak, None
+    return live.peak, None
 
 
 class TrainStep:

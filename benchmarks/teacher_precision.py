@@ -38,8 +38,7 @@ def main() -> None:
     from _harness import SIZES, build_model
 
     from hf_cfft import load_classifier
-    from hf_cfft.world import WORLD_CLASS_NAMES, WORLD_TEMPLATES, render_world, world_clip_path
-    from hf_cfft.world_pretrain import images_to_pixel_values
+    from hf_cfft.world import WORLD_CLASS_NAMES, WORLD_TEMPLATES, images_to_pixel_values, render_world, world_clip_path
 
     torch.set_num_threads(1)
     world = load_classifier(str(world_clip_path()), class_names=list(WORLD_CLASS_NAMES),

@@ -6,7 +6,7 @@ For the frozen teacher (the shipped world CLIP's zero-shot classifier) with grad
 with GradCAM, and for every ``--student`` (a fine-tuned classifier folder, rollout), it scores object masks against
 the world's ground truth (`hf_cfft.world.object_patch_mask`: the patches the digit's strokes touch) on test_id and
 every OOD split: the paper's threshold rule at thresholds 0.02 to 0.5, and rank-based masks (the top fraction of
-patches by CAM) at fractions 0.15 to 0.5. Scores: `hf_cfft.localization.mask_scores` (recall, precision, IoU,
+patches by CAM) at fractions 0.15 to 0.5. Scores: `hf_cfft.world.mask_scores` (recall, precision, IoU,
 masked fraction, pooled over the images).
 
 The masking rule of ``recipes/configs/world.yaml`` is chosen by this rule, fixed before any accuracy was measured
@@ -44,7 +44,7 @@ def rules() -> list[tuple[str, dict]]:
 def cams_of(model, images: np.ndarray, labels: np.ndarray, method: str, batch_size: int = 250) -> torch.Tensor:
     """[N, h, w] max-normalised CAMs of the true class for uint8 world images [N, 32, 32, 3]."""
     from hf_cfft.cam import compute_cam
-    from hf_cfft.world_pretrain import images_to_pixel_values
+    from hf_cfft.world import images_to_pixel_values
 
     out = []
     for start in range(0, len(labels), batch_size):
@@ -54,8 +54,8 @@ def cams_of(model, images: np.ndarray, labels: np.ndarray, method: str, batch_si
 
 
 def score_all(cams: torch.Tensor, truth: torch.Tensor) -> dict[str, dict[str, float]]:
-    from hf_cfft.localization import mask_scores
     from hf_cfft.masking import cam_patch_mask
+    from hf_cfft.world import mask_scores
 
     return {label: mask_scores(cam_patch_mask(cams, "object", **kw), truth) for label, kw in rules()}
 

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
 from hf_cfft.world import world_clip_path  # noqa: E402
-from hf_cfft.world_pretrain import FAMILY_PROBS, evaluate_world_zeroshot, pretrain_world_clip  # noqa: E402
+from hf_cfft.world.pretrain import FAMILY_PROBS, evaluate_world_zeroshot, pretrain_world_clip  # noqa: E402
 
 
 @dataclass

@@ -33,6 +33,7 @@ from hf_cfft.baselines.weight_averaging import class_names, uniform_soup
 from hf_cfft.cli.script_args import (
     SHARED_CONFIG_KEYS,
     DataArguments,
+    PostHocArguments,
     check_dataset_classes,
     evaluate_kwargs,
     load_eval_splits,
@@ -50,9 +51,8 @@ GREEDY_ROW = "greedy soup"
 
 
 @dataclass
-class SoupArguments:
+class SoupArguments(PostHocArguments):
     models: list[str] = field(default_factory=list, metadata={"help": "Saved fine-tuned classifier folders."})
-    output_dir: str | None = field(default=None, metadata={"help": "Where results (and the soup) are written."})
     save_model: bool = field(
         default=True, metadata={"help": "Save the soup (weights, image processor, card) to --output_dir."}
     )
@@ -63,9 +63,6 @@ class SoupArguments:
         default=None, metadata={"help": "--greedy: the ID validation split that picks the ingredients."}
     )
     evaluate_ingredients: bool = field(default=True, metadata={"help": "Also evaluate every ingredient."})
-    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
-    seed: int = field(default=0, metadata={"help": "Seed of the embedded world's splits (as in finetune)."})
-    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; default: cuda when available."})
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -24,7 +24,7 @@ import yaml
 from transformers import AutoImageProcessor
 
 from hf_cfft import load_classifier, load_templates, preprocess_images
-from hf_cfft.build import is_cfft_checkpoint
+from hf_cfft.classifier_loading import is_cfft_checkpoint
 from hf_cfft.cli.script_args import (
     SHARED_CONFIG_KEYS,
     DataArguments,

@@ -29,6 +29,7 @@ from hf_cfft.baselines.weight_averaging import class_names, wise_ft
 from hf_cfft.cli.script_args import (
     SHARED_CONFIG_KEYS,
     DataArguments,
+    PostHocArguments,
     check_dataset_classes,
     default_model,
     evaluate_kwargs,
@@ -47,7 +48,7 @@ DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 
 
 @dataclass
-class WiseFtArguments:
+class WiseFtArguments(PostHocArguments):
     fine_tuned_model: str | None = field(default=None, metadata={"help": "Saved fine-tuned classifier folder."})
     zero_shot_model: str | None = field(
         default=None,
@@ -67,11 +68,7 @@ class WiseFtArguments:
         default_factory=lambda: list(DEFAULT_ALPHAS),
         metadata={"help": "Weights of the fine-tuned model: 0 = zero-shot, 1 = fine-tuned."},
     )
-    output_dir: str | None = field(default=None, metadata={"help": "Where results (and models) are written."})
     save_models: bool = field(default=False, metadata={"help": "Save every interpolated model to alpha_X.XX/."})
-    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
-    seed: int = field(default=0, metadata={"help": "Seed of the embedded world's splits (as in finetune)."})
-    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; default: cuda when available."})
 
 
 def alpha_dirname(alpha: float) -> str:

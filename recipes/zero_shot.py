@@ -23,6 +23,7 @@ from hf_cfft import load_class_names, load_classifier, load_templates
 from hf_cfft.cli.script_args import (
     SHARED_CONFIG_KEYS,
     DataArguments,
+    PostHocArguments,
     default_model,
     evaluate_kwargs,
     load_eval_splits,
@@ -40,7 +41,7 @@ ZERO_SHOT_ROW = "zero-shot"
 
 
 @dataclass
-class ZeroShotArguments:
+class ZeroShotArguments(PostHocArguments):
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "CLIP checkpoint (Hub id or folder). Default on the world: its tiny CLIP."}
     )
@@ -52,10 +53,6 @@ class ZeroShotArguments:
         default=None,
         metadata={"help": "'openai_imagenet', 'simple', 'world' or a text file. Default: 'world' on the world."},
     )
-    output_dir: str | None = field(default=None, metadata={"help": "Where the classifier (and results) go."})
-    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
-    seed: int = field(default=0, metadata={"help": "Seed of the embedded world's splits (as in finetune)."})
-    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; default: cuda when available."})
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -28,7 +28,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_clip(seed: int = 0) -> CLIPModel:
+def tiny_clip(seed: int = 0, **text_overrides) -> CLIPModel:
+    """A 2-layer CLIP (32 px images, 8 px patches, projection 16), initialised from ``seed``; ``text_overrides``
+    replace entries of its text config (e.g. ``vocab_size``, ``attention_dropout``)."""
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config=dict(
@@ -41,7 +43,8 @@ def tiny_clip(seed: int = 0) -> CLIPModel:
             pad_token_id=0,
             bos_token_id=2,
             eos_token_id=3,
-        ),
+        )
+        | text_overrides,
         vision_config=dict(
             hidden_size=32,
             intermediate_size=37,
@@ -53,6 +56,27 @@ def tiny_clip(seed: int = 0) -> CLIPModel:
         projection_dim=16,
     )
     return CLIPModel(config)
+
+
+def random_images(batch: int = 3, seed: int = 0) -> torch.Tensor:
+    """[batch, 3, 32, 32] standard-normal pixel values (the tiny models' input), seeded."""
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def keep_masks(counts_removed, seed: int = 0) -> torch.Tensor:
+    """[B, 16] bool keep masks on the 4x4 patch grid; image b loses ``counts_removed[b]`` random patches."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.ones(len(counts_removed), 16, dtype=torch.bool)
+    for b, removed in enumerate(counts_removed):
+        keep[b, torch.randperm(16, generator=generator)[:removed]] = False
+    return keep
+
+
+def scramble_removed_patches(images: torch.Tensor, keep: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """``images`` with the pixels of every removed patch (``keep`` False) replaced by fresh noise."""
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)) * 10
+    pixel_keep = keep.view(-1, 1, 4, 1, 4, 1).expand(-1, 3, 4, 8, 4, 8).reshape(images.shape)
+    return torch.where(pixel_keep, images, noise)
 
 
 def tiny_image_processor() -> CLIPImageProcessor:

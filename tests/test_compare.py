@@ -275,7 +275,8 @@ def test_a_malformed_shard_is_refused(value):
 
 
 def test_a_cell_scored_twice_counts_once_and_is_named(tmp_path, caplog):
-    row = {"method": "FT+FD", "beta": 1.0, "epochs": 1, "seed": 0, "results": {"test": 90.0, "ood_avg": 80.0}}
+    row = {"method": "FT+FD", "strength": 1.0, "strength_name": "beta", "epochs": 1, "seed": 0}
+    row["results"] = {"test": 90.0, "ood_avg": 80.0}
     other = {**row, "seed": 1}
     (tmp_path / "rows-0of2.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(other) + "\n")
     (tmp_path / "rows.jsonl").write_text(json.dumps({**row, "results": {"test": 91.0, "ood_avg": 80.0}}) + "\n")

@@ -24,7 +24,8 @@ OOD = ("ood_a", "ood_b")
 
 def _row(method, strength, seed, test, ood_a, ood_b, *, name="beta"):
     results = {"test": test, "ood_a": ood_a, "ood_b": ood_b, "ood_avg": (ood_a + ood_b) / 2}
-    return {"method": method, "beta": strength, "epochs": 1, "seed": seed, "strength_name": name, "results": results}
+    row = {"method": method, "strength": strength, "strength_name": name, "epochs": 1, "seed": seed}
+    return row | {"results": results}
 
 
 # The reference's curve per seed: ID 90 -> 94 over its three strengths, OOD falling 80 -> 70 (split a) and 60 -> 50
@@ -50,6 +51,25 @@ def _method(name, offsets, ids=(91.0, 93.0)):
             ref_a, ref_b = 80 - 2.5 * (x - 90) + s, 60 - 2.5 * (x - 90) + s
             rows.append(_row(name, strength, seed, x, ref_a + offset, ref_b))
     return rows
+
+
+def test_rows_written_with_the_old_beta_key_read_as_the_new_strength_key():
+    """Rows before 2026-12-03 kept every strength (WiSE-FT's alpha too) under "beta"; the shipped rows are such."""
+    from hf_cfft.evaluation.frontier import row_key, strength_label
+
+    new = [*(r for seed in SHIFT for r in _reference(seed)), *_method("M", {0: 2.0, 1: 1.0, 2: 3.0})]
+    new.append(_row("WiSE-FT", 0.25, 0, 91.0, 70.0, 50.0, name="alpha"))
+    old = [{("beta" if key == "strength" else key): value for key, value in row.items()} for row in new]
+    old[-1]["alpha"] = 0.25
+    del old[-1]["strength_name"]  # the first harness's WiSE-FT rows: "alpha" beside "beta", no strength_name
+    assert [row_key(r) for r in old] == [row_key(r) for r in new]
+    assert strength_label(old[-1]) == strength_label(new[-1]) == "alpha 0.25"
+    cols = ["ood_a", "ood_b", "ood_avg"]
+    found = {
+        name: matched_differences(rows, ("M", 1), ("REF", 1), id_split="test", columns=cols)
+        for name, rows in (("old", old), ("new", new))
+    }
+    assert found["old"] == found["new"] and found["new"][0].differences["ood_a"].mean == pytest.approx(2.0)
 
 
 def test_t_quantiles_and_seeds_needed_match_the_tables():

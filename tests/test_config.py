@@ -1,9 +1,10 @@
 """Specification of hf_cfft.config.CfftConfig: paper defaults, validation, CLI parsing."""
 
 import re
+from pathlib import Path
 
 import pytest
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser
 
 from hf_cfft.config import CfftConfig
 
@@ -16,22 +17,52 @@ def make(tmp_path):
     return build
 
 
-def test_defaults_are_the_papers_best_setting(make):
+def test_the_defaults_the_fidelity_page_names_are_the_configs_defaults(make):
+    """docs/fidelity.md's rows marked "default" give the reference's value and ours (`--flag`): the two must agree
+    with CfftConfig, so the page cannot drift from the code."""
     config = make()
-    assert isinstance(config, TrainingArguments)
-    assert config.mask_kind == "object"
-    assert config.fill_kind == "single"
-    assert config.mask_threshold == 0.3
-    assert config.distill_weight == 30.0
-    assert config.cam_method == "rollout"
-    assert config.distill_target == "features"
+    page = (Path(__file__).resolve().parents[1] / "docs" / "fidelity.md").read_text()
+    checked = {}
+    for line in page.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or cells[3] != "default":
+            continue
+        ours = re.fullmatch(r"([0-9.]+) \(`--(\w+)`\)", cells[2])  # a number and its flag; other rows name code
+        if not ours:
+            continue
+        value, flag = ours.groups()
+        assert re.match(re.escape(value), cells[1]), f"{flag}: ours is {value} on the page, the reference's {cells[1]}"
+        checked[flag] = float(value)
+    assert checked == {name: float(getattr(config, name)) for name in checked}
+    assert {"mask_threshold", "distill_weight"} <= set(checked)
+    # the paper's best method (object masks, single refill) needs counterfactuals and the teacher's CAMs
+    assert (config.mask_kind, config.fill_kind) == ("object", "single")
     assert config.uses_counterfactuals and config.needs_teacher_cams
 
 
-def test_defaults_keep_the_image_column_and_drop_incomplete_batches(make):
-    config = make()
-    assert config.remove_unused_columns is False
-    assert config.dataloader_drop_last is True
+def test_default_batches_keep_the_image_column_and_drop_an_incomplete_last_batch(
+    tmp_path, tiny_classifier, tiny_image_processor
+):
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    from hf_cfft import CfftTrainer
+
+    images = [Image.new("RGB", (32, 32), (40 * i, 0, 0)) for i in range(6)]
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=["a", "b", "c"])})
+    train = Dataset.from_dict({"image": images, "label": [i % 3 for i in range(6)]}, features=features)
+    config = CfftConfig(
+        output_dir=str(tmp_path / "out"), use_cpu=True, per_device_train_batch_size=4, report_to="none",
+        mask_kind="random", fill_kind="single", mask_ratio=0.5,
+    )  # fmt: skip
+    trainer = CfftTrainer(
+        model=tiny_classifier, args=config, train_dataset=train, processing_class=tiny_image_processor
+    )
+    batches = list(trainer.get_train_dataloader())
+    # 6 images at batch 4: one full batch (refilling needs a partner, so a last batch of 2 would be a different
+    # counterfactual batch); the image column reached the transform, so every batch has its pixels
+    assert len(batches) == 1 and batches[0]["pixel_values"].shape == (4, 3, 32, 32)
 
 
 @pytest.mark.parametrize(

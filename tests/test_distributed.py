@@ -158,6 +158,7 @@ def test_every_process_runs_as_many_forwards_as_the_largest_share(tiny_classifie
     from datasets import Dataset, Features, Image, Value
     from PIL import Image as PILImage
 
+    import hf_cfft._distributed as distributed
     import hf_cfft.evaluation.prediction as prediction
 
     rng = np.random.default_rng(0)
@@ -165,8 +166,8 @@ def test_every_process_runs_as_many_forwards_as_the_largest_share(tiny_classifie
     dataset = Dataset.from_dict(
         {"image": images, "label": [i % 3 for i in range(9)]}, Features({"image": Image(), "label": Value("int64")})
     )
-    monkeypatch.setattr(prediction, "world", lambda: (1, 2))  # the second of 2 processes: rows 5..8
-    monkeypatch.setattr(prediction, "gather_rows", lambda rows, device=None: rows)
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))  # the second of 2 processes: rows 5..8
+    monkeypatch.setattr(distributed, "gather_rows", lambda rows, device=None: rows)
     calls = []
     tiny_classifier.register_forward_hook(lambda module, args, kwargs, out: calls.append(1), with_kwargs=True)
     logits, labels = prediction.predict_logits(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _builders import save_tiny_clip
+from _builders import keep_masks, random_images, save_tiny_clip, scramble_removed_patches
 from _family_builders import FAMILY_NAMES, save_tiny_family, tiny_image_processor, tiny_model, tiny_tokenizer
 from safetensors.torch import save_file
 from transformers import AutoModelForImageClassification, Siglip2Config, Siglip2Model, pipeline
@@ -35,25 +35,6 @@ from hf_cfft.modeling import attention_pool
 CLASSES = ["cat", "dog", "fox"]
 TEMPLATE = ["This is a photo of {}."]
 EXPECTED_FAMILY = {"siglip": "siglip", "siglip2": "siglip", "metaclip_2": "metaclip_2", "clip": "clip"}
-
-
-def _images(batch=3, seed=0):
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _keep(counts_removed, seed=0):
-    """[B, 16] bool keep masks; image b loses ``counts_removed[b]`` randomly chosen patches."""
-    generator = torch.Generator().manual_seed(seed)
-    keep = torch.ones(len(counts_removed), 16, dtype=torch.bool)
-    for b, removed in enumerate(counts_removed):
-        keep[b, torch.randperm(16, generator=generator)[:removed]] = False
-    return keep
-
-
-def _scramble_removed_patches(images, keep, seed=1):
-    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)) * 10
-    pixel_keep = keep.view(-1, 1, 4, 1, 4, 1).expand(-1, 3, 4, 8, 4, 8).reshape(images.shape)
-    return torch.where(pixel_keep, images, noise)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +76,7 @@ def test_each_checkpoint_becomes_a_classifier_of_its_family(classifiers, family)
 def test_the_distilled_feature_is_the_family_models_image_embedding(classifiers, checkpoints, family):
     # SigLIP: the attention-pooling head's output (no projection); MetaCLIP 2: the projected CLS output.
     pretrained = type(tiny_model(family)).from_pretrained(checkpoints[family]).eval()
-    images = _images()
+    images = random_images()
     with torch.no_grad():
         expected = pretrained.get_image_features(pixel_values=images).pooler_output
         torch.testing.assert_close(classifiers[family].get_image_features(images), expected, atol=1e-6, rtol=1e-6)
@@ -113,7 +94,7 @@ def test_zero_shot_logits_equal_the_family_models_own_image_text_logits(classifi
     tokenizer = AutoTokenizer.from_pretrained(checkpoints[family])
     prompts = [TEMPLATE[0].format(name) for name in CLASSES]
     text = tokenizer(prompts, return_tensors="pt", **tokenizer_kwargs(pretrained))
-    images = _images()
+    images = random_images()
     with torch.no_grad():
         own = pretrained(pixel_values=images, **text).logits_per_image  # SigLIP: scale * cos + logit_bias
         ours = classifiers[family](pixel_values=images).logits
@@ -159,8 +140,8 @@ def test_siglip2_naflex_checkpoints_are_refused_with_the_fixed_resolution_altern
 
 
 def test_siglip_dropping_tokens_equals_masking_them_in_the_encoder_and_the_pooling_attention(siglip_classifier):
-    model, images = siglip_classifier, _images(4)
-    keep = _keep([5, 5, 5, 9])  # image 3 keeps a different count: the key-mask path for the whole batch
+    model, images = siglip_classifier, random_images(4)
+    keep = keep_masks([5, 5, 5, 9])  # image 3 keeps a different count: the key-mask path for the whole batch
     with torch.no_grad():
         key_masked = model.get_image_features(images, keep)
         for b in range(4):
@@ -173,8 +154,8 @@ def test_siglip_dropping_tokens_equals_masking_them_in_the_encoder_and_the_pooli
 @pytest.mark.parametrize("removed", [[6, 6, 6], [2, 6, 11]], ids=["token-drop", "key-mask"])
 @pytest.mark.parametrize("family", ["siglip", "metaclip_2"])
 def test_pooled_output_ignores_the_contents_of_removed_patches(classifiers, family, removed):
-    model, images, keep = classifiers[family], _images(), _keep(removed)
-    scrambled = _scramble_removed_patches(images, keep)
+    model, images, keep = classifiers[family], random_images(), keep_masks(removed)
+    scrambled = scramble_removed_patches(images, keep)
     with torch.no_grad():
         torch.testing.assert_close(
             model.get_image_features(scrambled, keep), model.get_image_features(images, keep), atol=1e-5, rtol=1e-5
@@ -185,9 +166,9 @@ def test_pooled_output_ignores_the_contents_of_removed_patches(classifiers, fami
 @pytest.mark.parametrize("others_removed", [16, 5], ids=["all-empty", "mixed"])
 def test_siglip_image_with_every_patch_removed_gets_a_finite_feature_of_no_patch(siglip_classifier, others_removed):
     # Without a CLS token nothing is left: the probe attends to nothing (a softmax over no keys would be NaN).
-    model, images = siglip_classifier, _images(2)
-    keep = _keep([16, others_removed])
-    scrambled = _scramble_removed_patches(images, keep)
+    model, images = siglip_classifier, random_images(2)
+    keep = keep_masks([16, others_removed])
+    scrambled = scramble_removed_patches(images, keep)
     with torch.no_grad():
         features = model.get_image_features(images, keep)
         assert torch.isfinite(features).all()
@@ -195,7 +176,7 @@ def test_siglip_image_with_every_patch_removed_gets_a_finite_feature_of_no_patch
 
 
 def test_siglip_keeping_every_patch_equals_no_keep_mask(siglip_classifier):
-    images = _images()
+    images = random_images()
     with torch.no_grad():
         torch.testing.assert_close(
             siglip_classifier.get_image_features(images, torch.ones(3, 16, dtype=torch.bool)),
@@ -245,7 +226,7 @@ def test_grad_cam_without_cls_reads_every_token():
 @pytest.mark.parametrize("method", ["rollout", "gradcam"])
 @pytest.mark.parametrize("family", ["siglip", "metaclip_2"])
 def test_training_forward_cam_equals_compute_cam(classifiers, family, method):
-    model, images, labels = classifiers[family], _images(), torch.tensor([0, 1, 2])
+    model, images, labels = classifiers[family], random_images(), torch.tensor([0, 1, 2])
     expected = compute_cam(model, images, labels, method)
     assert expected.shape == (3, 4, 4) and torch.allclose(expected.flatten(1).amax(1), torch.ones(3))
     with torch.enable_grad():
@@ -256,7 +237,7 @@ def test_training_forward_cam_equals_compute_cam(classifiers, family, method):
 
 
 def test_siglip_rollout_reads_the_probes_attention_pushed_through_the_blocks(siglip_classifier):
-    model, images, labels = siglip_classifier, _images(), torch.tensor([0, 1, 2])
+    model, images, labels = siglip_classifier, random_images(), torch.tensor([0, 1, 2])
     vision = model.vision_model
     pixels = images.clone().requires_grad_(True)
     vision.config._attn_implementation = "eager"
@@ -277,7 +258,7 @@ def test_siglip_rollout_reads_the_probes_attention_pushed_through_the_blocks(sig
 
 
 def test_siglip_cam_leaves_no_parameter_gradients_and_depends_on_the_label(siglip_classifier):
-    model, images = siglip_classifier, _images()
+    model, images = siglip_classifier, random_images()
     first = compute_cam(model, images, torch.tensor([0, 0, 0]))
     second = compute_cam(model, images, torch.tensor([1, 1, 1]))
     assert all(p.grad is None for p in model.parameters())
@@ -294,7 +275,7 @@ def test_saved_classifier_reloads_to_identical_logits_and_runs_in_pipeline(class
     tiny_image_processor(family).save_pretrained(tmp_path)
     again = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
     assert type(again) is CfftImageClassifier and again.config.family == EXPECTED_FAMILY[family]
-    images = _images()
+    images = random_images()
     with torch.no_grad():
         assert torch.equal(again(images).logits, model(images).logits)
     from PIL import Image
@@ -332,7 +313,7 @@ def test_siglip_classifier_loads_as_remote_code_where_hf_cfft_is_not_installed(s
         "AutoModelForImageClassification": "modeling.CfftImageClassifier",
     }
     fresh = Path(shutil.copytree(saved, tmp_path / "elsewhere" / "model"))
-    pixel_values = _images()
+    pixel_values = random_images()
     with torch.no_grad():
         logits = siglip_classifier(pixel_values=pixel_values).logits
     save_file({"pixel_values": pixel_values, "logits": logits.contiguous()}, str(tmp_path / "expected.safetensors"))

@@ -21,7 +21,7 @@ from _builders import (
 
 from hf_cfft import CfftConfig, ClipCfftForImageClassification, load_classifier, load_templates, wise_ft
 from hf_cfft.baselines.flyp import FlypTrainer, contrastive_loss, load_contrastive_model
-from hf_cfft.build import recorded_base_model
+from hf_cfft.classifier_loading import recorded_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ["a photo of a {}.", "a cropped photo of the {}."]

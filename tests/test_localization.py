@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from hf_cfft import world
-from hf_cfft.localization import mask_scores
 from hf_cfft.masking import cam_patch_mask, top_fraction_mask
-from hf_cfft.world import object_patch_mask, render_world
+from hf_cfft.world import mask_scores, object_patch_mask, render_world
+from hf_cfft.world import render as world
 
 
 def test_object_patch_mask_marks_every_patch_a_stroke_touches():

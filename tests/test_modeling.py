@@ -4,37 +4,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _builders import keep_masks, random_images, scramble_removed_patches
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageClassification, pipeline
 
 from hf_cfft.modeling import ClipCfftConfig, ClipCfftForImageClassification
 
-
-def _images(batch=3, seed=0):
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _keep(counts_removed, seed=0):
-    """[B, 16] bool keep masks; image b loses ``counts_removed[b]`` randomly chosen patches."""
-    generator = torch.Generator().manual_seed(seed)
-    keep = torch.ones(len(counts_removed), 16, dtype=torch.bool)
-    for b, removed in enumerate(counts_removed):
-        keep[b, torch.randperm(16, generator=generator)[:removed]] = False
-    return keep
-
-
-def _scramble_removed_patches(images, keep, seed=1):
-    """Replace the pixels of every removed patch with fresh noise."""
-    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)) * 10
-    pixel_keep = keep.view(-1, 1, 4, 1, 4, 1).expand(-1, 3, 4, 8, 4, 8).reshape(images.shape)
-    return torch.where(pixel_keep, images, noise)
-
-
 # ---- forward ----
 
 
 def test_logits_are_the_head_applied_to_l2_normalised_image_embeddings(tiny_classifier):
-    model, images = tiny_classifier, _images()
+    model, images = tiny_classifier, random_images()
     with torch.no_grad():
         out = model(pixel_values=images)
         embeds = model.visual_projection(model.vision_model(pixel_values=images).pooler_output)
@@ -56,7 +36,7 @@ def test_logits_do_not_depend_on_the_scale_of_the_embedding(tiny_classifier):
 def test_forward_with_labels_returns_the_cross_entropy(tiny_classifier):
     labels = torch.tensor([2, 0, 1])
     with torch.no_grad():
-        out = tiny_classifier(pixel_values=_images(), labels=labels)
+        out = tiny_classifier(pixel_values=random_images(), labels=labels)
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
 
 
@@ -73,7 +53,7 @@ def test_patch_grid_follows_the_config(tiny_classifier):
 
 
 def test_forward_with_counterfactuals_returns_the_same_clean_logits(tiny_classifier):
-    model, images, cf = tiny_classifier, _images(), _images(seed=5)
+    model, images, cf = tiny_classifier, random_images(), random_images(seed=5)
     with torch.no_grad():
         plain = model(pixel_values=images)
         both = model(pixel_values=images, cf_pixel_values=cf)  # one concatenated encoder pass
@@ -85,8 +65,8 @@ def test_forward_with_counterfactuals_returns_the_same_clean_logits(tiny_classif
 
 
 def test_forward_with_a_keep_mask_embeds_counterfactuals_without_their_removed_patches(tiny_classifier):
-    model, images, cf = tiny_classifier, _images(), _images(seed=5)
-    keep = _keep([6, 6, 6])
+    model, images, cf = tiny_classifier, random_images(), random_images(seed=5)
+    keep = keep_masks([6, 6, 6])
     with torch.no_grad():
         plain = model(pixel_values=images)
         out = model(pixel_values=images, cf_pixel_values=cf, cf_patch_keep=keep)
@@ -99,9 +79,9 @@ def test_forward_with_a_keep_mask_embeds_counterfactuals_without_their_removed_p
 
 
 def test_dropping_tokens_equals_masking_them_as_attention_keys(tiny_classifier):
-    model, images = tiny_classifier, _images(4)
+    model, images = tiny_classifier, random_images(4)
     # Image 3 keeps a different number of patches, which forces the key-mask path for the whole batch.
-    keep = _keep([5, 5, 5, 9])
+    keep = keep_masks([5, 5, 5, 9])
     with torch.no_grad():
         key_masked = model.get_image_features(images, keep)
         for b in range(4):
@@ -112,7 +92,7 @@ def test_dropping_tokens_equals_masking_them_as_attention_keys(tiny_classifier):
 
 
 def test_keep_mask_accepts_the_grid_shape(tiny_classifier):
-    images, keep = _images(2), _keep([4, 4])
+    images, keep = random_images(2), keep_masks([4, 4])
     with torch.no_grad():
         flat = tiny_classifier.get_image_features(images, keep)
         grid = tiny_classifier.get_image_features(images, keep.view(2, 4, 4))
@@ -120,7 +100,7 @@ def test_keep_mask_accepts_the_grid_shape(tiny_classifier):
 
 
 def test_keeping_every_patch_equals_no_keep_mask(tiny_classifier):
-    images = _images()
+    images = random_images()
     with torch.no_grad():
         torch.testing.assert_close(
             tiny_classifier.get_image_features(images, torch.ones(3, 16, dtype=torch.bool)),
@@ -132,8 +112,8 @@ def test_keeping_every_patch_equals_no_keep_mask(tiny_classifier):
 
 @pytest.mark.parametrize("removed", [[6, 6, 6], [2, 6, 11]], ids=["token-drop", "key-mask"])
 def test_cls_output_ignores_the_contents_of_removed_patches(tiny_classifier, removed):
-    model, images, keep = tiny_classifier, _images(), _keep(removed)
-    scrambled = _scramble_removed_patches(images, keep)
+    model, images, keep = tiny_classifier, random_images(), keep_masks(removed)
+    scrambled = scramble_removed_patches(images, keep)
     assert not torch.equal(scrambled, images)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -144,10 +124,10 @@ def test_cls_output_ignores_the_contents_of_removed_patches(tiny_classifier, rem
 
 
 def test_removing_patches_changes_the_embedding(tiny_classifier):
-    images = _images()
+    images = random_images()
     with torch.no_grad():
         full = tiny_classifier.get_image_features(images)
-        partial = tiny_classifier.get_image_features(images, _keep([6, 6, 6]))
+        partial = tiny_classifier.get_image_features(images, keep_masks([6, 6, 6]))
     assert (full - partial).abs().max() > 1e-3
 
 
@@ -160,7 +140,7 @@ def test_save_pretrained_writes_safetensors_and_from_pretrained_restores_the_log
     assert "model.safetensors" in files
     assert not any(name.endswith(".bin") for name in files)
     loaded = ClipCfftForImageClassification.from_pretrained(tmp_path).eval()
-    images = _images()
+    images = random_images()
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=images).logits, tiny_classifier(pixel_values=images).logits)
     for name, tensor in tiny_classifier.state_dict().items():
@@ -178,7 +158,7 @@ def test_auto_classes_load_the_hf_cfft_classes_with_labels(tiny_classifier, tmp_
     assert config.vision_config.patch_size == 8 and config.vision_config.image_size == 32
     model = AutoModelForImageClassification.from_pretrained(tmp_path)
     assert type(model) is ClipCfftForImageClassification
-    images = _images()
+    images = random_images()
     with torch.no_grad():
         torch.testing.assert_close(
             model.eval()(pixel_values=images).logits, tiny_classifier(pixel_values=images).logits

@@ -15,7 +15,7 @@ import torch
 from _builders import CLASSES, save_tiny_clip, write_imagefolder
 from safetensors.torch import load_file
 
-from hf_cfft.build import load_classifier
+from hf_cfft.classifier_loading import load_classifier
 from hf_cfft.training.run_folder import checkpoint_problems, latest_complete_checkpoint, resolve_resume_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch.optim.lr_scheduler import OneCycleLR
 from transformers import default_data_collator
 
-from hf_cfft import CfftConfig, CfftTrainer
+from hf_cfft import CfftConfig, CfftTrainer, cam_patch_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,6 +82,22 @@ def test_trainer_prepares_a_raw_dataset_with_teacher_cams_and_masks(tiny_classif
     assert "cf_pixel_values" not in batch and batch["cf_mask"].shape == (4, 4, 4) and batch["cf_donors"].shape == (4,)
     cf_pixel_values, keep = trainer.counterfactual_batch(batch)
     assert cf_pixel_values.shape == (4, 3, 32, 32) and keep is None
+    # Values, not only shapes: each mask is the object of its stored teacher CAM at the default threshold (0.3),
+    # and the counterfactual is the image with those patches taken from its drawn donor ("single": one donor each).
+    stored = trainer.train_dataset.with_format(None)  # the rows as stored, before the masking transform
+    cams = torch.stack([torch.as_tensor(stored[i]["cam"]).view(4, 4) for i in range(4)])  # stored flat, h * w
+    assert torch.equal(batch["cf_mask"], cam_patch_mask(cams, "object", args.mask_threshold))
+    assert batch["cf_mask"].any() and not batch["cf_mask"].all()
+    patch = 8  # 32 px / the 4x4 grid
+    pixels, donors = batch["pixel_values"], batch["cf_donors"]
+    assert (donors != torch.arange(4)).all()  # never its own donor
+    for b in range(4):
+        for i, j in zip(*torch.nonzero(~batch["cf_mask"][b], as_tuple=True)):
+            window = (slice(None), slice(i * patch, (i + 1) * patch), slice(j * patch, (j + 1) * patch))
+            assert torch.equal(cf_pixel_values[b][window], pixels[b][window])
+        for i, j in zip(*torch.nonzero(batch["cf_mask"][b], as_tuple=True)):
+            window = (slice(None), slice(i * patch, (i + 1) * patch), slice(j * patch, (j + 1) * patch))
+            assert torch.equal(cf_pixel_values[b][window], pixels[donors[b]][window])
 
 
 def test_trainer_leaves_a_prepared_dataset_alone(tiny_classifier, tmp_path):

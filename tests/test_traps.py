@@ -26,7 +26,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from hf_cfft import CfftConfig, CfftTrainer
-from hf_cfft.build import load_classifier
+from hf_cfft.classifier_loading import load_classifier
 from hf_cfft.cli.script_args import DataArguments, load_train_and_eval_splits, parse_with_config
 from hf_cfft.head_checks import check_zeroshot_head
 

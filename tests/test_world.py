@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_cfft import world
 from hf_cfft.world import (
     CONTEXT_NAMES,
     NUM_ID_CONTEXTS,
@@ -21,6 +20,7 @@ from hf_cfft.world import (
     stream_world,
     world_clip_path,
 )
+from hf_cfft.world import render as world
 
 # Measured on 200 test_id images (world seed 0): 0.89 for the shipped model; the floor leaves room for BLAS noise.
 ZEROSHOT_FLOOR = 0.75
@@ -157,19 +157,9 @@ def test_shipped_clip_vision_tower_loads_alone_with_its_projection(world_clip):
 
 
 def _zeroshot_weights(model, tokenizer) -> torch.Tensor:
-    try:
-        from hf_cfft.zeroshot import build_zeroshot_weights
-    except ImportError:
-        build_zeroshot_weights = None
-    if build_zeroshot_weights is not None:
-        return build_zeroshot_weights(model, tokenizer, WORLD_CLASS_NAMES, WORLD_TEMPLATES, show_progress=False)
-    texts = [t.format(c) for c in WORLD_CLASS_NAMES for t in WORLD_TEMPLATES]
-    with torch.no_grad():
-        feats = model.get_text_features(**tokenizer(texts, padding=True, return_tensors="pt"))
-    feats = F.normalize(getattr(feats, "pooler_output", feats), dim=-1).view(
-        len(WORLD_CLASS_NAMES), -1, feats.shape[-1]
-    )
-    return F.normalize(feats.mean(1), dim=-1) * model.logit_scale.exp()
+    from hf_cfft.zeroshot import build_zeroshot_weights
+
+    return build_zeroshot_weights(model, tokenizer, WORLD_CLASS_NAMES, WORLD_TEMPLATES, show_progress=False)
 
 
 def test_shipped_clip_classifies_held_out_digits_zero_shot(world_clip):
@@ -188,7 +178,7 @@ def test_shipped_clip_classifies_held_out_digits_zero_shot(world_clip):
 
 
 def test_multi_positive_loss_is_clip_loss_for_distinct_captions_and_rewards_equal_captions():
-    from hf_cfft.world_pretrain import caption_truth, multi_positive_clip_loss
+    from hf_cfft.world.pretrain import caption_truth, multi_positive_clip_loss
 
     logits = torch.randn(5, 5, generator=torch.Generator().manual_seed(0))
     target = torch.arange(5)
@@ -208,7 +198,7 @@ def test_multi_positive_loss_is_clip_loss_for_distinct_captions_and_rewards_equa
 
 
 def test_world_tokenizer_is_the_same_on_every_build():
-    from hf_cfft.world_pretrain import build_world_tokenizer
+    from hf_cfft.world.pretrain import build_world_tokenizer
 
     first, second = build_world_tokenizer(), build_world_tokenizer()
     assert first.get_vocab() == second.get_vocab()
@@ -370,5 +360,8 @@ def test_world_only_flags_are_refused_for_other_datasets(tmp_path):
 
     with pytest.raises(ValueError, match="--world_eval_size 50 applies to the embedded world only"):
         load_image_splits(str(tmp_path), ["train"], world_eval_size=50)
+    # before: silently ignored, so an "oracle" run on the user's own folder trained what vanilla FT trains
+    with pytest.raises(ValueError, match="--world_train_correlation 0.1 applies to the embedded world only"):
+        load_image_splits(str(tmp_path), ["train"], world_train_correlation=0.1)
     splits = load_image_splits("world", ["train", "test_id"], world_eval_size=50, world_object_contrast=0.35)
     assert len(splits["test_id"]) == 50 and len(splits["train"]) == 4000

@@ -46,7 +46,21 @@ def test_rule_falls_back_to_rank_based_masks_when_no_threshold_passes(localizati
     assert localization.choose_rule(scores) == "top 0.5"
 
 
-def test_every_rule_label_maps_to_mask_arguments(localization):
-    rules = dict(localization.rules())
-    assert rules["threshold 0.3"] == {"threshold": 0.3}
-    assert rules["top 0.4"] == {"threshold": 0.0, "top_fraction": 0.4}
+def test_every_rule_masks_what_its_label_says(localization):
+    """Each scored rule, applied as the benchmark applies it, gives the mask its label names on a CAM of distinct
+    values: "threshold t" masks the patches above t, "top f" the round(f * 64) patches of highest CAM."""
+    import torch
+
+    from hf_cfft.masking import cam_patch_mask
+
+    cam = torch.randperm(64, generator=torch.Generator().manual_seed(0)).float().div(63).view(1, 8, 8)
+    labels = [label for label, _ in localization.rules()]
+    assert "threshold 0.3" in labels and any(label.startswith("top ") for label in labels)
+    for label, kwargs in localization.rules():
+        mask = cam_patch_mask(cam, "object", **kwargs)
+        kind, value = label.split()
+        if kind == "threshold":
+            assert torch.equal(mask, cam > float(value)), label
+        else:
+            count = round(float(value) * 64)
+            assert int(mask.sum()) == count and cam[mask].min() > cam[~mask].max(), label

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from _builders import tiny_clip
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+from transformers import CLIPModel, PreTrainedTokenizerFast
 
 from hf_cfft.zeroshot import build_zeroshot_weights, load_class_names, load_templates
 
@@ -30,33 +31,8 @@ def tokenizer():
 
 
 def make_model() -> CLIPModel:
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=99,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            # Heavy dropout makes any forward pass left in train mode visibly disagree with the eval reference.
-            attention_dropout=0.5,
-            pad_token_id=PAD,
-            bos_token_id=BOS,
-            # Must match the tokenizer: CLIP pools the hidden state at the first eos token.
-            eos_token_id=EOS,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )
-    model = CLIPModel(config)
+    # Heavy dropout makes any forward pass left in train mode visibly disagree with the eval reference.
+    model = tiny_clip(vocab_size=99, attention_dropout=0.5)
     with torch.no_grad():
         # Move away from the default init so the scaling step is really exercised.
         model.logit_scale.fill_(1.7)

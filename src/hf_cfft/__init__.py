@@ -4,9 +4,9 @@ Supported towers: CLIP, MetaCLIP 2, SigLIP and the fixed-resolution SigLIP 2 (`h
 """
 
 from .baselines import FlypTrainer, greedy_soup, uniform_soup, wise_ft
-from .build import classifier_from_clip, classifier_from_pretrained, is_cfft_checkpoint, load_classifier
 from .callbacks import CounterfactualImagesCallback
 from .cam import CAM_METHODS, attention_rollout, compute_cam, grad_cam, normalize_cam
+from .classifier_loading import classifier_from_clip, classifier_from_pretrained, is_cfft_checkpoint, load_classifier
 from .config import CfftConfig
 from .data import (
     CounterfactualCollator,

@@ -172,7 +172,7 @@ def load_adapter_classifier(adapter_dir: str | Path, base_model: str | None = No
     in the folder's `ADAPTER_INFO`. The head comes from the adapter folder (it was trained in full).
     """
     peft = require_peft()
-    from .build import load_classifier
+    from .classifier_loading import load_classifier
 
     adapter_dir = Path(adapter_dir)
     info_path = adapter_dir / ADAPTER_INFO

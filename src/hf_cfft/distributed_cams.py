@@ -25,10 +25,8 @@ import numpy as np
 import torch
 from datasets import Dataset, Features, List, Value, concatenate_datasets
 from datasets.fingerprint import Hasher
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from ._distributed import gather_rows, local_main_process_first, shard_bounds, world
+from ._distributed import local_main_process_first, sharded_pass, world
 from .cam import compute_cam
 from .images import check_labels, preprocess_images
 
@@ -73,33 +71,25 @@ def shard_cams(
     dtype: torch.dtype = torch.float32,
     show_progress: bool = True,
 ) -> torch.Tensor:
-    """The CAMs of this process's contiguous shard of ``dataset``: [stop - start, h * w] in ``dtype``, on the CPU.
+    """The CAMs of every row of ``dataset``: [N, h * w] in ``dtype``, on the CPU, on every process.
 
-    The shard is `shard_bounds` of this process's rank; with one process, the whole dataset.
+    Each process computes its contiguous shard (`hf_cfft._distributed.sharded_pass`) and the shards are gathered in
+    row order; with one process it computes them all. Every process of an initialised group must call it.
     """
-    rank, size = world()
-    start, stop = shard_bounds(len(dataset), size, rank)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     collate = _PreprocessBatch(image_processor, image_column, label_column, model.config.num_labels)
-    loader = DataLoader(
-        dataset.select(range(start, stop)), batch_size=batch_size, num_workers=num_workers, collate_fn=collate
-    )
-    progress = tqdm(
-        total=len(dataset),
-        desc=f"teacher CAMs ({method}), {size} process(es)",
-        unit="img",
-        disable=not show_progress or rank != 0,
-    )
-    cams = []
-    for pixels, labels in loader:
-        cam = compute_cam(model, pixels.to(device), labels.to(device), method)
-        cams.append(cam.flatten(1).to(dtype).cpu())
-        progress.update(len(labels) * size)  # the other shards advance at about this pace
-    progress.close()
-    if not cams:
-        grid = model.patch_grid
-        return torch.zeros(0, grid[0] * grid[1], dtype=dtype)
-    return torch.cat(cams)
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor]:
+        pixels, labels = batch
+        return (compute_cam(model, pixels.to(device), labels.to(device), method).flatten(1).to(dtype).cpu(),)
+
+    grid = model.patch_grid
+    (cams,) = sharded_pass(
+        dataset, collate, step, (torch.zeros(0, grid[0] * grid[1], dtype=dtype),), batch_size=batch_size,
+        num_workers=num_workers, device=device,
+        desc=f"teacher CAMs ({method}), {world()[1]} process(es)", show_progress=show_progress,
+    )  # fmt: skip
+    return cams
 
 
 def _cache_dir(dataset: Dataset, fingerprint: str) -> str | None:
@@ -125,8 +115,8 @@ def precompute_cams(
 ) -> Dataset:
     """Add a ``cam`` column ([h * w] max-normalised CAM per image, ``dtype``) computed by the frozen ``model``.
 
-    Every process of the run calls it: each computes its contiguous shard (`shard_cams`) on its own ``device``,
-    then all gather the shards in order. A file-backed dataset keeps the column in a ``cams-<fingerprint>`` folder
+    Every process of the run calls it: each computes its contiguous shard on its own ``device``, then all gather
+    the shards in order (`shard_cams`). A file-backed dataset keeps the column in a ``cams-<fingerprint>`` folder
     beside its cache files, written by each machine's first process; the fingerprint covers the dataset, the
     teacher's weights, the method, the preprocessing and ``dtype``, so the next run (any number of processes) reads
     it back instead of recomputing.
@@ -164,7 +154,6 @@ def precompute_cams(
             dtype=dtype,
             show_progress=show_progress,
         )
-        rows = gather_rows(rows, device)
         if rows.shape[0] != len(dataset):
             raise RuntimeError(f"the CAM shards hold {rows.shape[0]} rows for a dataset of {len(dataset)}")
         features = Features({cam_column: List(Value(_ARROW_DTYPES[dtype]), length=rows.shape[1])})

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer import Trainer
 
-from ..build import BASE_MODEL_KEY, base_model_record, classifier_from_pretrained, is_cfft_checkpoint
+from ..classifier_loading import BASE_MODEL_KEY, base_model_record, classifier_from_pretrained, is_cfft_checkpoint
 from ..config import CfftConfig
 from ..data import CounterfactualCollator, prepare_train_dataset
 from ..families import family_for_model_type, family_of, tokenizer_kwargs

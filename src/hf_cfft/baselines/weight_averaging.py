@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..build import recorded_base_model
+from ..classifier_loading import recorded_base_model
 from ..modeling import CfftImageClassifier
 
 # Config fields that decide the computation (not just the tensor shapes): two models that differ in any of them
@@ -58,7 +58,8 @@ def _short(names: list[str], limit: int = 8) -> str:
 
 def check_compatible(models: Mapping[str, torch.nn.Module]) -> None:
     """Raise ValueError unless every model has the first one's architecture, class list (same names, same order) and
-    recorded pre-trained model (`hf_cfft.build.recorded_base_model`; a model saved before the record is let be).
+    recorded pre-trained model (`hf_cfft.classifier_loading.recorded_base_model`; a model saved before the record
+    is let be).
 
     ``models`` maps a name used in the message (e.g. "zero-shot", a folder) to a `CfftImageClassifier`.
     """

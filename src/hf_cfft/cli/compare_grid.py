@@ -279,10 +279,8 @@ class Cell:
     epochs: float
 
     def row(self, **extra) -> dict:
-        name = self.spec.strength or ""
-        row = {"method": self.spec.name, "beta": self.strength, "epochs": self.epochs, "seed": self.seed}
-        row |= {"strength_name": name} | ({"alpha": self.strength} if name == "alpha" else {})
-        return row | extra
+        row = {"method": self.spec.name, "strength": self.strength, "strength_name": self.spec.strength or ""}
+        return row | {"epochs": self.epochs, "seed": self.seed} | extra
 
     @property
     def id(self) -> str:

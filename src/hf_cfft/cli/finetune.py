@@ -19,8 +19,8 @@ import torch
 from transformers import AutoImageProcessor
 
 from ..baselines.flyp import FlypTrainer, load_contrastive_model
-from ..build import is_cfft_checkpoint, load_classifier
 from ..callbacks import CounterfactualImagesCallback
+from ..classifier_loading import is_cfft_checkpoint, load_classifier
 from ..config import CfftConfig
 from ..evaluation import evaluate_splits
 from ..fast_images import FastImageProcessor

@@ -147,6 +147,18 @@ class FinetuneArguments:
     )
 
 
+@dataclass
+class PostHocArguments:
+    """The flags every recipe that scores or builds models without training shares (zero_shot, wise_ft, soup)."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the results (and the models the recipe makes) are written. Required."}
+    )
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
+    seed: int = field(default=0, metadata={"help": "Seed of the embedded world's splits (as in finetune)."})
+    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; default: cuda when available."})
+
+
 CONFIG_HELP = (
     "A YAML file of flag values (keys = flag names). Flags given on the command line override it. Relative paths in "
     "it are read relative to the working directory, not to the file."

@@ -30,33 +30,24 @@ def load_image_splits(
 
     ``dataset_name`` is ``"world"`` (the embedded world, generated in memory), a local folder in ImageFolder layout
     (``<dir>/<split>/<class>/<image>``), ``"imagefolder"`` with ``data_dir``, or a Hub dataset id.
-    ``world_train_correlation``: the world's ``train`` split only, the share of images on their class's own context
-    (default 0.9; 0.1 = context independent of the class, the oracle of docs/world.md). ``world_object_contrast``:
-    every world split but ``pretrain``, how faint the object is (default 1; the adaptation world's value in
-    docs/adaptation_world.md). ``world_eval_size``: images in each world split other than ``train`` and
-    ``pretrain`` (default 1,000; the first n of a larger split are the n of the smaller one).
+    The ``world_*`` arguments are `hf_cfft.world.world_splits`'s (the world's only; another dataset refuses them).
     """
     if dataset_name == WORLD:
-        from ..world import SPLITS, make_world_split
+        from ..world import world_splits
 
-        unknown = [s for s in splits if s not in SPLITS]
-        if unknown:
-            raise ValueError(f"the world has no split(s) {unknown}; its splits are {', '.join(SPLITS)}")
-        train_kwargs = {} if world_train_correlation is None else {"correlation": world_train_correlation}
-        look = {} if world_object_contrast is None else {"object_contrast": world_object_contrast}
-        if world_eval_size is not None and world_eval_size < 1:
-            raise ValueError(f"--world_eval_size {world_eval_size} must be >= 1 (images per evaluation split)")
-
-        def size(split: str) -> dict:
-            return {"size": world_eval_size} if world_eval_size and split not in ("train", "pretrain") else {}
-
-        return {
-            split: make_world_split(
-                split, seed=world_seed, **look, **size(split), **(train_kwargs if split == "train" else {})
-            )
-            for split in splits
-        }
-    for flag, value in (("--world_object_contrast", world_object_contrast), ("--world_eval_size", world_eval_size)):
+        return world_splits(
+            splits,
+            seed=world_seed,
+            train_correlation=world_train_correlation,
+            object_contrast=world_object_contrast,
+            eval_size=world_eval_size,
+        )
+    world_only = (
+        ("--world_train_correlation", world_train_correlation),
+        ("--world_object_contrast", world_object_contrast),
+        ("--world_eval_size", world_eval_size),
+    )
+    for flag, value in world_only:
         if value is not None:
             raise ValueError(f"{flag} {value} applies to the embedded world only, not to {dataset_name!r}; drop it")
     if os.path.isdir(os.path.expanduser(dataset_name)):

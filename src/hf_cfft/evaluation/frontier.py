@@ -2,12 +2,13 @@
 
 A *row* is one evaluated model, as ``recipes/compare.py`` appends them to JSONL:
 
-    {"method": "FT+FD", "beta": 3.0, "epochs": 1, "seed": 0, "results": {"test_id": 81.2, ..., "ood_avg": 60.4}}
+    {"method": "FT+FD", "strength": 3.0, "strength_name": "beta", "epochs": 1, "seed": 0,
+     "results": {"test_id": 81.2, ..., "ood_avg": 60.4}}
 
-``beta`` is the method's strength (the distillation weight; WiSE-FT's rows also carry ``alpha`` and store it in
-``beta``); ``strength_name`` ("beta", "alpha" or "") says how to label it, defaulting to "alpha" for rows with an
-``alpha`` and "beta" otherwise, as the world's first frontier harness wrote them. A *curve* is one (method,
-epochs): its points are the strengths, each the mean and standard deviation over the seeds.
+``strength`` is the method's strength and ``strength_name`` says which: "beta" (the distillation weight), "alpha"
+(WiSE-FT's mixing weight) or "" (a method without one). Rows written before 2026-12-03 hold it under ``beta`` for
+every method; `hf_cfft.evaluation.paired.row_strength` reads both. A *curve* is one (method, epochs): its points
+are the strengths, each the mean and standard deviation over the seeds.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import paired
+from .paired import row_strength, row_strength_name
 from .prediction import OOD_AVG
 from .report import markdown_table, rounded
 
@@ -45,7 +47,7 @@ class Point:
 
 def row_key(row: Mapping) -> str:
     """``method|strength|epochs|seed``: what makes a row unique (the key every row file has used)."""
-    return f"{row['method']}|{float(row['beta']):g}|{row['epochs']}|{row['seed']}"
+    return f"{row['method']}|{row_strength(row):g}|{row['epochs']}|{row['seed']}"
 
 
 def _rows_of(path: Path) -> list[dict]:
@@ -131,8 +133,8 @@ def append_row(path: str | Path, row: Mapping) -> None:
 
 
 def strength_label(row: Mapping) -> str:
-    name = row.get("strength_name", "alpha" if "alpha" in row else "beta")
-    return f"{name} {float(row['beta']):g}" if name else "-"
+    name = row_strength_name(row)
+    return f"{name} {row_strength(row):g}" if name else "-"
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -142,7 +144,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def _grouped(rows: Iterable[Mapping]) -> dict[Curve, dict[float, list[Mapping]]]:
     out: dict[Curve, dict[float, list[Mapping]]] = {}
     for row in rows:
-        out.setdefault((row["method"], row["epochs"]), {}).setdefault(float(row["beta"]), []).append(row)
+        out.setdefault((row["method"], row["epochs"]), {}).setdefault(row_strength(row), []).append(row)
     return out
 
 

@@ -141,13 +141,25 @@ class Matched:
     differences: dict[str, Difference]  # per split (OOD splits and ood_avg): method minus reference
 
 
+def row_strength(row: Mapping) -> float:
+    """A result row's strength (beta or alpha, as ``strength_name`` says); rows written before 2026-12-03 kept it under
+    ``beta`` for every method, WiSE-FT's alpha included."""
+    return float(row["strength"] if "strength" in row else row["beta"])
+
+
+def row_strength_name(row: Mapping) -> str:
+    """ "beta", "alpha" or "" (a method without a strength); older rows without the key: "alpha" if they carry an
+    ``alpha``, else "beta", as the world's first frontier harness wrote them."""
+    return row.get("strength_name", "alpha" if "alpha" in row else "beta")
+
+
 def _seed_points(rows: Iterable[Mapping], curve: Curve) -> dict[object, list[tuple[float, Mapping]]]:
     """{seed: [(strength, results), ...]} of one curve; rows of several seeds at once ('all') are left out."""
     out: dict[object, list[tuple[float, Mapping]]] = {}
     for row in rows:
         if (row["method"], row["epochs"]) != curve or row["seed"] == "all":
             continue
-        out.setdefault(row["seed"], []).append((float(row["beta"]), row["results"]))
+        out.setdefault(row["seed"], []).append((row_strength(row), row["results"]))
     return {seed: sorted(points, key=lambda p: p[0]) for seed, points in out.items()}
 
 
@@ -354,7 +366,7 @@ def seed_spread(rows: Iterable[Mapping], columns: Sequence[str]) -> dict[str, fl
     cells: dict[tuple, list[Mapping]] = {}
     for row in rows:
         if row["seed"] != "all":
-            cells.setdefault((row["method"], float(row["beta"]), str(row["epochs"])), []).append(row["results"])
+            cells.setdefault((row["method"], row_strength(row), str(row["epochs"])), []).append(row["results"])
     out = {}
     for column in columns:
         stds = [
@@ -390,7 +402,7 @@ def column_label(column: str) -> str:
 def _single_points(rows: Iterable[Mapping]) -> set[Curve]:
     strengths: dict[Curve, set[float]] = {}
     for row in rows:
-        strengths.setdefault((row["method"], row["epochs"]), set()).add(float(row["beta"]))
+        strengths.setdefault((row["method"], row["epochs"]), set()).add(row_strength(row))
     return {curve for curve, values in strengths.items() if len(values) == 1}
 
 
@@ -398,8 +410,7 @@ def _namer(rows: Sequence[Mapping]):
     """(curve, strength or None, reference label) -> "beta 3", "alpha 0.5", "its point" or "at <reference>'s ID"."""
     names, single = {}, _single_points(rows)
     for row in rows:
-        name = row.get("strength_name", "alpha" if "alpha" in row else "beta")
-        names.setdefault((row["method"], row["epochs"]), name)
+        names.setdefault((row["method"], row["epochs"]), row_strength_name(row))
 
     def at(curve: Curve, strength: float | None, reference: str) -> str:
         if strength is None:

@@ -7,7 +7,6 @@ splits (datasets, or `EvalSet`s with a protocol: the ImageNet shifts) -> `evalua
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -15,10 +14,8 @@ import evaluate
 import numpy as np
 import torch
 from datasets import Dataset
-from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
-from .._distributed import gather_rows, shard_bounds, world
+from .._distributed import sharded_pass
 from ..images import preprocess_images
 from .protocols import EvalSet, dataset_eval_sets
 from .report import ACCURACY_DECIMALS, OOD_AVG, ood_average
@@ -57,9 +54,6 @@ def predict_logits(
     ``show_progress``: a progress bar on the first process.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    rank, size = world() if distributed else (0, 1)
-    start, stop = shard_bounds(len(dataset), size, rank)
-    share = dataset.select(range(start, stop)) if hasattr(dataset, "select") else Subset(dataset, range(start, stop))
 
     def collate(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         images = [row[image_column] for row in rows]
@@ -68,33 +62,23 @@ def predict_logits(
         pixels = preprocess_images(image_processor, images)
         return pixels, torch.tensor([int(row[label_column]) for row in rows])
 
-    loader = DataLoader(share, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, batch_labels = batch
+        return model(pixel_values=pixels.to(device)).logits.float().cpu(), batch_labels
+
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     )
-    progress = tqdm(total=len(dataset), desc=desc, unit="img", disable=not show_progress or rank != 0)
     was_training = model.training
     model.eval()
     width = getattr(getattr(model, "config", None), "num_labels", 0)
-    logits, labels = [torch.zeros(0, width)], [torch.zeros(0, dtype=torch.long)]
-    # A sharded model (FSDP) gathers its weights in every forward, a collective: every process runs as many forwards
-    # as the largest share needs, the short ones on a throw-away copy of a row.
-    forwards = math.ceil(shard_bounds(len(dataset), size, 0)[1] / batch_size) if size > 1 else 0
+    empty = (torch.zeros(0, width), torch.zeros(0, dtype=torch.long))
     with autocast:
-        for pixels, batch_labels in loader:
-            logits.append(model(pixel_values=pixels.to(device)).logits.float().cpu())
-            labels.append(batch_labels)
-            progress.update(len(batch_labels) * size)  # the other shares advance at about this pace
-            forwards -= 1
-        if forwards > 0 and len(dataset):
-            spare = collate([dataset[len(dataset) - 1]])[0].to(device)
-            for _ in range(forwards):
-                model(pixel_values=spare)
-    progress.close()
+        logits, labels = sharded_pass(
+            dataset, collate, step, empty, batch_size=batch_size, num_workers=num_workers, distributed=distributed,
+            device=device, even_steps=True, desc=desc, show_progress=show_progress,
+        )  # fmt: skip
     model.train(was_training)
-    logits, labels = torch.cat(logits), torch.cat(labels)
-    if size > 1:
-        logits, labels = gather_rows(logits, device), gather_rows(labels, device)
     return logits.numpy(), labels.numpy()
 
 

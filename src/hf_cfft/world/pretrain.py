@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-from hf_cfft import world
-from hf_cfft.world import CONTEXT_NAMES, WORLD_CLASS_NAMES, WORLD_TEMPLATES
+from ..zeroshot import build_zeroshot_weights
+from . import render as world
+from .render import CONTEXT_NAMES, WORLD_CLASS_NAMES, WORLD_TEMPLATES
 
 # The three caption families. The digit-only forms are the zero-shot prompts, as OpenAI CLIP's "a photo of a {}."
 # resembles text it saw in pre-training.
@@ -212,19 +213,6 @@ def multi_positive_clip_loss(logits: torch.Tensor, positives: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def zeroshot_class_embeddings(
-    model, tokenizer, class_names: Sequence[str] = WORLD_CLASS_NAMES, templates: Sequence[str] = WORLD_TEMPLATES
-) -> torch.Tensor:
-    """Unit-norm class embeddings [num_classes, proj_dim]: text features averaged over templates, renormalised."""
-    texts = [t.format(c) for c in class_names for t in templates]
-    tokens = tokenizer(texts, padding=True, return_tensors="pt")
-    feats = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-    feats = getattr(feats, "pooler_output", feats)
-    feats = F.normalize(feats, dim=-1).view(len(class_names), len(templates), -1).mean(1)
-    return F.normalize(feats, dim=-1)
-
-
-@torch.no_grad()
 def zeroshot_accuracy(
     model: CLIPModel,
     tokenizer: CLIPTokenizer,
@@ -238,7 +226,8 @@ def zeroshot_accuracy(
     """Zero-shot top-1 accuracy on uint8 images [N, 32, 32, 3] with labels [N] (indices into ``class_names``)."""
     was_training = model.training
     model.eval()
-    weights = zeroshot_class_embeddings(model, tokenizer, class_names, templates)
+    # the library's zero-shot head (`hf_cfft.zeroshot`); its scale (the temperature) does not change the argmax
+    weights = build_zeroshot_weights(model, tokenizer, class_names, templates, show_progress=False)
     correct = 0
     for start in range(0, len(labels), batch_size):
         pixels = images_to_pixel_values(images[start : start + batch_size])

@@ -1,4 +1,4 @@
-"""Build the classifier to fine-tune: from a contrastive checkpoint (zero-shot head built) or a saved classifier."""
+"""Load the classifier to fine-tune: from a contrastive checkpoint (its zero-shot head built) or a saved classifier."""
 
 from __future__ import annotations
 
