@@ -33,7 +33,11 @@ __all__ = ["build_zeroshot_head", "build_zeroshot_weights", "load_class_names", 
 SIGLIP_TEMPLATES = ("This is a photo of {}.",)
 
 _CLASS_FILES = {"imagenet": "imagenet_classes.txt"}
-_TEMPLATE_FILES = {"openai_imagenet": "imagenet_templates.txt", "simple": "simple_templates.txt"}
+_TEMPLATE_FILES = {
+    "openai_imagenet": "imagenet_templates.txt",
+    "simple": "simple_templates.txt",
+    "world": "world_templates.txt",  # the embedded world's prompts, as `hf_cfft.world.WORLD_TEMPLATES` reads them
+}
 
 
 def _read_lines(kind: str, name: str, files: dict[str, str]) -> list[str]:
@@ -66,11 +70,7 @@ def load_templates(name: str) -> list[str]:
     """
     if name == "siglip":
         return list(SIGLIP_TEMPLATES)
-    if name == "world":
-        from .world import WORLD_TEMPLATES
-
-        return list(WORLD_TEMPLATES)
-    return _read_lines("template set", name, {**_TEMPLATE_FILES, "world": "", "siglip": ""})
+    return _read_lines("template set", name, {**_TEMPLATE_FILES, "siglip": ""})
 
 
 def _text_features(

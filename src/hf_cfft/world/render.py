@@ -70,13 +70,10 @@ DEFAULT_SIZES: dict[str, int] = {
 }
 
 # Prompts for zero-shot classification. They are the digit-only caption forms of pre-training, as CLIP's
-# "a photo of a {}." resembles its alt-text.
-WORLD_TEMPLATES: tuple[str, ...] = (
-    "a photo of the digit {}.",
-    "the digit {}.",
-    "a handwritten {}.",
-    "a photo of the number {}.",
-)
+# "a photo of a {}." resembles its alt-text. Package data (`hf_cfft.zeroshot.load_templates("world")` reads the same
+# file): "a photo of the digit {}.", "the digit {}.", "a handwritten {}.", "a photo of the number {}.".
+_TEMPLATES_FILE = importlib.resources.files("hf_cfft").joinpath("resources", "world_templates.txt")
+WORLD_TEMPLATES: tuple[str, ...] = tuple(line for line in _TEMPLATES_FILE.read_text().splitlines() if line.strip())
 CAPTION_TEMPLATE = "a photo of the digit {} on a {} background."
 
 IMAGE_SIZE = 32
