@@ -60,3 +60,100 @@ def test_the_results_row_and_the_card_name_the_cell_the_comparison_names(tmp_pat
     other = method_of(_config_of(("--mask_kind", "random", "--fill_kind", "multi"), tmp_path))
     assert (other.family, other.name, other.view) == ("cfft", "CFFT random/multi", "counterfactual")
     assert run_label(_config_of(CELLS["lp"].flags, tmp_path)) == "linear probe, this run"
+
+
+# ---- the table names each method's trainer, and that trainer loads what the method trains ----
+
+
+def test_each_trained_method_names_the_trainer_class_that_trains_it():
+    from hf_cfft.baselines.flyp import FlypTrainer
+    from hf_cfft.trainer import CfftTrainer
+    from hf_cfft.training.base import RobustTrainer
+
+    classes = {key: METHODS[key].trainer_class() for key in TRAINED}
+    assert all(issubclass(cls, RobustTrainer) for cls in classes.values())
+    assert {key for key, cls in classes.items() if cls is FlypTrainer} == {"flyp"}
+    assert {key for key, cls in classes.items() if cls is CfftTrainer} == set(TRAINED) - {"flyp"}
+    with pytest.raises(ValueError, match="WiSE-FT is not trained: it is built from other models"):
+        METHODS["wise_ft"].trainer_class()
+
+
+def _head_logits(model, seed: int = 0):
+    import torch
+
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(pixel_values=pixels).logits
+
+
+def test_from_checkpoint_loads_the_classifier_the_teacher_and_says_where_it_started(tmp_path):
+    import torch
+    from _builders import CLASSES, save_tiny_clip
+
+    from hf_cfft.classifier_loading import load_classifier
+    from hf_cfft.trainer import CfftTrainer
+    from hf_cfft.zeroshot import load_templates
+
+    clip = str(save_tiny_clip(tmp_path / "clip"))
+    args = CfftConfig(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", distill_weight=3.0)
+    trainer = CfftTrainer.from_checkpoint(clip, args, class_names=CLASSES, templates="simple", show_progress=False)
+    direct = load_classifier(clip, class_names=CLASSES, templates=load_templates("simple"), show_progress=False)
+    assert torch.equal(_head_logits(trainer.classifier()), _head_logits(direct))
+    # The teacher is the frozen copy of the same zero-shot classifier; the card names the checkpoint.
+    assert torch.equal(_head_logits(trainer.teacher), _head_logits(direct))
+    assert trainer.base_model == clip and trainer.card_origin is None
+
+    # From a classifier hf_cfft saved (LP-FT's second stage), with another model named as the teacher.
+    direct.classifier.weight.data.mul_(2)
+    direct.save_pretrained(tmp_path / "saved")
+    again = CfftTrainer.from_checkpoint(
+        str(tmp_path / "saved"), args, class_names=CLASSES, templates=["a {}"], teacher_name_or_path=clip
+    )
+    assert torch.equal(_head_logits(again.classifier()), _head_logits(direct))
+    assert not torch.equal(_head_logits(again.teacher), _head_logits(direct))  # the named teacher, not a copy
+    assert again.card_origin == {"kind": "trained", "from_classifier": True}
+
+
+def test_flyp_loads_both_towers_and_refuses_a_teacher(tmp_path):
+    import torch
+    from _builders import CLASSES, save_tiny_clip
+
+    from hf_cfft.baselines.flyp import FlypTrainer
+    from hf_cfft.classifier_loading import load_classifier
+    from hf_cfft.zeroshot import load_templates
+
+    clip = str(save_tiny_clip(tmp_path / "clip"))
+    args = CfftConfig(
+        output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", method="flyp", distill_weight=0.0,
+        mask_kind="none", fill_kind="none",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="--teacher_name_or_path has no use with --method flyp"):
+        FlypTrainer.from_checkpoint(clip, args, class_names=CLASSES, templates="simple", teacher_name_or_path=clip)
+    trainer = FlypTrainer.from_checkpoint(clip, args, class_names=CLASSES, templates="simple")
+    assert hasattr(trainer.model, "text_model") and trainer.templates == load_templates("simple")
+    # Before any step, the classifier it would save is CLIP's zero-shot classifier.
+    direct = load_classifier(clip, class_names=CLASSES, templates=load_templates("simple"), show_progress=False)
+    assert torch.allclose(_head_logits(trainer.classifier()), _head_logits(direct), atol=1e-5)
+
+
+def test_the_main_jobs_vanilla_row_is_what_compares_ft_cell_trains(tmp_path, capsys):
+    """The vanilla row of a CFFT run (--compare_with_vanilla) and a run of compare's ``ft`` cell on the same data,
+    steps and seed: the same code, so the same accuracies, to the last digit."""
+    from _builders import save_tiny_clip, write_imagefolder
+    from test_error_path import _recipe
+
+    from hf_cfft.cli.finetune import VANILLA_ROW
+
+    clip, images = save_tiny_clip(tmp_path / "clip"), write_imagefolder(tmp_path / "images", ("train", "test"), 4)
+    common = [
+        "--model_name_or_path", str(clip), "--dataset_name", str(images), "--max_steps", "3",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--use_cpu", "true", "--report_to", "none",
+        "--save_strategy", "no", "--eval_splits", "test", "--templates", "simple", "--evaluate_zero_shot", "false",
+    ]  # fmt: skip
+    cfft = _recipe().main(
+        [*common, "--output_dir", str(tmp_path / "cfft"), "--compare_with_vanilla", "true", "--distill_weight", "3"]
+    )
+    ft = _recipe().main([*common, "--output_dir", str(tmp_path / "ft"), *CELLS["ft"].flags])
+    capsys.readouterr()
+    assert cfft[VANILLA_ROW] == ft["fine-tuned"]
+    assert cfft["fine-tuned"] != ft["fine-tuned"]  # the CFFT row is another model: the comparison could differ

@@ -52,8 +52,8 @@ def pausing(base):  # every method's trainer: CFFT's and FLYP's
 
     return Pausing
 
-import hf_cfft.cli.finetune as job  # the recipe's job: the trainers it builds
-job.CfftTrainer, job.FlypTrainer = pausing(job.CfftTrainer), pausing(job.FlypTrainer)
+import hf_cfft.baselines.flyp as flyp, hf_cfft.trainer as cfft  # the job builds what the method table names
+cfft.CfftTrainer, flyp.FlypTrainer = pausing(cfft.CfftTrainer), pausing(flyp.FlypTrainer)
 recipe.main(sys.argv[2:])
 """
 
@@ -260,14 +260,14 @@ class HangRankOne(TrainerCallback):
         if args.process_index == 1 and state.global_step == 2:
             os.kill(os.getpid(), signal.SIGSTOP)  # hung: alive, but never joins the next all-reduce
 
-import hf_cfft.cli.finetune as job  # the recipe's job: the trainer it builds
+import hf_cfft.trainer as cfft  # the job builds the trainer the method table names (hf_cfft.methods)
 
-class Trainer(job.CfftTrainer):
+class Trainer(cfft.CfftTrainer):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.add_callback(HangRankOne())
 
-job.CfftTrainer = Trainer
+cfft.CfftTrainer = Trainer
 recipe.run_recipe(lambda: recipe.main(sys.argv[2:]))
 """
 

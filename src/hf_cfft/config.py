@@ -17,6 +17,7 @@ import torch
 from transformers import TrainingArguments
 
 from .cam import CAM_METHODS
+from .hub_ids import hub_is_off
 from .image_checks import CHECKS as IMAGE_CHECKS
 from .losses import DISTILL_TARGETS
 from .masking import FILL_KINDS, MASK_KINDS
@@ -43,12 +44,6 @@ _INTEGER_FIELDS = (
     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "cam_batch_size",
     "max_steps", "seed", "dataloader_num_workers",
 )  # fmt: skip
-
-
-def _hub_is_off() -> bool:
-    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` as set now (huggingface_hub reads them once, at import)."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.upper() in ("1", "ON", "YES", "TRUE")
 
 
 @dataclass
@@ -244,7 +239,7 @@ class CfftConfig(TrainingArguments):
                     f"{name}={value!r} must be a whole number (e.g. {name}={max(1, int(value or 0))}); got a "
                     f"{type(value).__name__}"
                 )
-        if self.push_to_hub and _hub_is_off():
+        if self.push_to_hub and hub_is_off():
             raise ValueError(
                 "--push_to_hub true needs the Hub, but it is switched off here (HF_HUB_OFFLINE=1): the upload would "
                 "fail after training. Train without --push_to_hub, then push the saved folder where there is network "

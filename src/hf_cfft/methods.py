@@ -1,8 +1,9 @@
 """The methods hf_cfft trains or builds, in one table: the settings that make each, its name, what it distils.
 
-Every place that needs to know "which method is this" reads it here: the trainer (what the distillation term sees,
-`Method.view`), the results table of a fine-tuning run (`run_label`), the model card (`Method.family`, `Method.tag`)
-and the comparison grid (`METHODS`, as ``hf_cfft.cli.compare_grid`` turns them into cells). A method is a set of
+Every place that needs to know "which method is this" reads it here: the fine-tuning job (which trainer class runs
+it, `Method.trainer_class`), the trainer (what the distillation term sees, `Method.view`), the results table of a
+fine-tuning run (`run_label`), the model card (`Method.family`, `Method.tag`) and the comparison grid (`METHODS`, as
+``hf_cfft.cli.compare_grid`` turns them into cells). A method is a set of
 `CfftConfig` settings (`Method.settings`); `method_of` reads a configuration back into its method, so a run started
 with flags and a cell of the comparison name the same thing the same way.
 """
@@ -10,6 +11,7 @@ with flags and a cell of the comparison name the same thing the same way.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +30,9 @@ class Method:
     tag. settings: the `CfftConfig` fields a training run of it sets. strength: 'beta' (``distill_weight``),
     'alpha' (WiSE-FT's interpolation) or None. view: what its distillation term sees. kind: 'train' (a fine-tuning
     run), 'zero_shot', 'wise_ft' / 'uniform_soup' / 'greedy_soup' (built from ``source``'s runs). init_from: a
-    trained method whose model of the same seed this one starts from (LP-FT from the probe).
+    trained method whose model of the same seed this one starts from (LP-FT from the probe). trainer: the
+    ``module:Class`` of the trainer that trains it, imported when asked for (`trainer_class`), as transformers' auto
+    classes name theirs: the trainers import this table, so it cannot import them.
     """
 
     key: str
@@ -41,6 +45,7 @@ class Method:
     kind: str = "train"
     source: str | None = None
     init_from: str | None = None
+    trainer: str = "hf_cfft.trainer:CfftTrainer"
 
     def __post_init__(self):
         if self.view not in VIEWS or self.kind not in KINDS or self.strength not in STRENGTHS:
@@ -53,6 +58,13 @@ class Method:
         for name, value in self.settings:
             out += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
         return tuple(out)
+
+    def trainer_class(self) -> type:
+        """The trainer class that trains this method (`hf_cfft.training.RobustTrainer` subclass)."""
+        if self.kind != "train":
+            raise ValueError(f"{self.name} is not trained: it is built from other models ({self.kind})")
+        module, name = self.trainer.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
 _NO_MASK = (("mask_kind", "none"), ("fill_kind", "none"))
@@ -113,7 +125,9 @@ METHODS: dict[str, Method] = _methods(
         "beta",
         "counterfactual",
     ),  # fmt: skip
-    Method("flyp", "FLYP", "flyp", "flyp", (("method", "flyp"), *_VANILLA)),
+    Method(
+        "flyp", "FLYP", "flyp", "flyp", (("method", "flyp"), *_VANILLA), trainer="hf_cfft.baselines.flyp:FlypTrainer"
+    ),
     Method("wise_ft", "WiSE-FT", "wise_ft", "wise-ft", strength="alpha", kind="wise_ft", source="ft"),
     Method("uniform_soup", "uniform soup", "soup", "model-soup", kind="uniform_soup", source="ft"),
     Method("greedy_soup", "greedy soup", "soup", "model-soup", kind="greedy_soup", source="ft"),

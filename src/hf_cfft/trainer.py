@@ -20,6 +20,7 @@ from transformers.utils import logging
 from . import adapters
 from ._forward import call_as_forward
 from .cam import CamRecorder, compute_cam
+from .classifier_loading import load_classifier
 from .config import CfftConfig
 from .data import CounterfactualCollator, prepare_train_dataset
 from .losses import counterfactual_loss
@@ -59,6 +60,8 @@ class CfftTrainer(RobustTrainer):
         image_column / label_column: the raw train dataset's columns.
         Other keyword arguments go to `transformers.Trainer`.
     """
+
+    shows_counterfactual_images = True
 
     def __init__(
         self,
@@ -120,6 +123,19 @@ class CfftTrainer(RobustTrainer):
             label_column=label_column,
             **kwargs,
         )
+
+    @classmethod
+    def _load_models(cls, model_name_or_path, *, class_names, templates, teacher_name_or_path, show_progress):
+        """The classifier to fine-tune (CLIP's zero-shot classifier, or a saved one) and the teacher, if named."""
+        model = load_classifier(
+            model_name_or_path, class_names=class_names, templates=templates, show_progress=show_progress
+        )
+        teacher = None
+        if teacher_name_or_path:  # a saved classifier (e.g. WiSE-FT's), or a pre-trained one: its zero-shot head
+            teacher = load_classifier(
+                teacher_name_or_path, class_names=class_names, templates=templates, show_progress=show_progress
+            )
+        return {"model": model, "teacher": teacher}
 
     def _place_frozen_models(self) -> None:
         """The teacher on the run's device (under its mixed precision), never optimised, wrapped or saved."""

@@ -131,6 +131,14 @@ class FlypTrainer(RobustTrainer):
             **kwargs,
         )
 
+    @classmethod
+    def _load_models(cls, model_name_or_path, *, class_names, templates, teacher_name_or_path, show_progress):
+        """Both towers and the tokenizer: FLYP trains the contrastive model, then builds the classifier from it."""
+        if teacher_name_or_path:
+            raise ValueError("--teacher_name_or_path has no use with --method flyp, which distils nothing")
+        model, tokenizer = load_contrastive_model(model_name_or_path)
+        return {"model": model, "tokenizer": tokenizer, "class_names": class_names, "templates": templates}
+
     def _prepare_raw_dataset(self, dataset, processor):
         """Raw images -> checked, undecoded, with the image transform (no masks, no CAMs)."""
         args = self.args

@@ -1,14 +1,14 @@
 """The fine-tuning job behind `recipes/finetune.py` and every training cell of `recipes/compare.py`.
 
 Parse the flags over a YAML config (`parse_finetune_args`), guard the output folder, load the data, build the method's
-trainer (`CfftTrainer`, or `FlypTrainer` for ``--method flyp``), evaluate before and after, save the model with its
-card and results. The recipes only pass their default config (``recipes/configs/world.yaml``), which is not part of
+trainer (the one `hf_cfft.methods` names for the configuration: `CfftTrainer`, or `FlypTrainer` for ``--method
+flyp``) with what it trains loaded (`RobustTrainer.from_checkpoint`), evaluate before and after, save the model with
+its card and results. The recipes only pass their default config (``recipes/configs/world.yaml``), which is not part of
 the package.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import tempfile
@@ -18,17 +18,14 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor
 
-from ..baselines.flyp import FlypTrainer, load_contrastive_model
 from ..callbacks import CounterfactualImagesCallback
-from ..classifier_loading import is_cfft_checkpoint, load_classifier
 from ..config import CfftConfig
 from ..evaluation import evaluate_splits
 from ..fast_images import FastImageProcessor
+from ..methods import METHODS, method_of
 from ..output_folder import OutputFolder
-from ..trainer import CfftTrainer
 from ..training.run_folder import check_run_folder, resolve_resume_checkpoint
 from ..training.run_manifest import rows_fingerprint
-from ..zeroshot import load_templates
 from .script_args import (
     DataArguments,
     FinetuneArguments,
@@ -73,12 +70,12 @@ def parse_finetune_args(
 
 
 def vanilla_config(args: CfftConfig, output_dir: str) -> CfftConfig:
-    """``args`` as vanilla fine-tuning (beta 0, no masks) with the same data, steps and seed; it saves nothing."""
+    """``args`` as vanilla fine-tuning (`METHODS` ``ft``: beta 0, no masks) with the same data, steps and seed; it
+    saves nothing."""
     return dataclasses.replace(
         args,
-        distill_weight=0.0,
-        mask_kind="none",
-        fill_kind="none",
+        **dict(METHODS["ft"].settings),
+        method="cfft",
         output_dir=output_dir,
         save_strategy="no",
         push_to_hub=False,
@@ -131,41 +128,19 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume, say: Call
     # What evaluation preprocesses with; the trainer applies the same switch to the train set.
     eval_processor = FastImageProcessor(image_processor) if args.fast_image_processing else image_processor
     columns = {"image_column": data_args.image_column, "label_column": data_args.label_column}
-    flyp = args.method == "flyp"
-    vanilla_start = None
-    if flyp:  # both towers are trained; the classifier (head from the text tower) is built for evaluation and saving
-        if model_args.teacher_name_or_path:
-            raise ValueError("--teacher_name_or_path has no use with --method flyp, which distils nothing")
-        contrastive, tokenizer = load_contrastive_model(model_args.model_name_or_path)
-        trainer = FlypTrainer(
-            model=contrastive, args=args, tokenizer=tokenizer, class_names=class_names,
-            templates=load_templates(model_args.templates), train_dataset=train, processing_class=image_processor,
-            data_source=source, **columns,
-        )  # fmt: skip
-    else:
-        model = load_classifier(
-            model_args.model_name_or_path,
-            class_names=class_names,
-            templates=load_templates(model_args.templates),
-            show_progress=args.process_index == 0,
-        )
-        vanilla_start = copy.deepcopy(model) if run_args.compare_with_vanilla else None
-        teacher = None
-        if model_args.teacher_name_or_path:
-            teacher = load_classifier(model_args.teacher_name_or_path, class_names=class_names)
-        trainer = CfftTrainer(
-            model=model, args=args, teacher=teacher, train_dataset=train, processing_class=image_processor,
-            data_source=source, **columns,
-        )  # fmt: skip
+    # The method's trainer loads what it trains (a classifier; FLYP both towers): `hf_cfft.methods` names it.
+    trainer = method_of(args).trainer_class().from_checkpoint(
+        model_args.model_name_or_path, args, class_names=class_names, templates=model_args.templates,
+        teacher_name_or_path=model_args.teacher_name_or_path, show_progress=args.process_index == 0,
+        train_dataset=train, processing_class=image_processor, data_source=source, **columns,
+    )  # fmt: skip
     if trainer.skipped_images:
         say(f"Skipped {trainer.skipped_images} unreadable train image(s); training on {len(trainer.train_dataset)}.")
     if args.process_index == 0:
         say(f"Training on {len(trainer.train_dataset)} images with {args.world_size} process(es) on {args.device}.")
-    trainer.base_model, trainer.dataset_name = model_args.model_name_or_path, data_args.dataset_name
-    trainer.ood_splits = data_args.ood_splits
-    if is_cfft_checkpoint(model_args.model_name_or_path):  # e.g. LP-FT's second stage: the card says so
-        trainer.card_origin = {"kind": "trained", "from_classifier": True}
-    if "tensorboard" in args.report_to and not flyp:  # pictures of the counterfactuals the student's CAM picks
+    trainer.dataset_name, trainer.ood_splits = data_args.dataset_name, data_args.ood_splits
+    if "tensorboard" in args.report_to and trainer.shows_counterfactual_images:
+        # pictures of the counterfactuals the student's CAM picks
         CounterfactualImagesCallback.from_dataset(
             train, image_processor, every_n_steps=max(1, int(args.logging_steps) * 10), **columns
         ).attach(trainer)
@@ -184,25 +159,24 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume, say: Call
     if data_args.evaluate_zero_shot and splits:
         # The starting point: CLIP's zero-shot classifier, or the saved classifier fine-tuning resumes from (LP-FT);
         # with --teacher_name_or_path the teacher is reported too.
-        start = "before fine-tuning" if is_cfft_checkpoint(model_args.model_name_or_path) else "zero-shot"
-        start_model = trainer.classifier() if flyp else trainer.model
-        results[start] = evaluate_splits(start_model, splits, eval_processor, **evaluate_kwargs)
+        start = "before fine-tuning" if trainer.card_origin else "zero-shot"
+        results[start] = evaluate_splits(trainer.classifier(), splits, eval_processor, **evaluate_kwargs)
         if model_args.teacher_name_or_path:
             results["teacher"] = evaluate_splits(trainer.teacher, splits, eval_processor, **evaluate_kwargs)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
     if splits:
-        tuned = trainer.classifier() if flyp else trainer.model
-        results["fine-tuned"] = evaluate_splits(tuned, splits, eval_processor, **evaluate_kwargs)
+        results["fine-tuned"] = evaluate_splits(trainer.classifier(), splits, eval_processor, **evaluate_kwargs)
         trainer.eval_results = results
         if trainer.is_world_process_zero():
             write_results(results, args.output_dir, data_args, stem="eval_results", row_names=_row_names(args))
     # After evaluation, so the model card (and a --push_to_hub upload) carries the results table.
     trainer.save_model(args.output_dir)
-    if vanilla_start is not None:
+    if run_args.compare_with_vanilla:
         results = _with_vanilla_row(
-            results, vanilla_start, args, train, splits, (image_processor, eval_processor), evaluate_kwargs, say
-        )
+            results, model_args, args, class_names, train, image_processor, splits,
+            {**evaluate_kwargs, "image_processor": eval_processor}, say,
+        )  # fmt: skip
         if trainer.is_world_process_zero():
             trainer.eval_results = results
             trainer.create_model_card()  # the card's table gains the vanilla row
@@ -215,27 +189,25 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume, say: Call
     return results
 
 
-def _with_vanilla_row(results, start_model, args, train, splits, processors, evaluate_kwargs, say) -> dict:
-    """``results`` with vanilla fine-tuning's row (trained here, not saved) before the "fine-tuned" row.
+def _with_vanilla_row(results, model_args, args, class_names, train, image_processor, splits, evaluate_kwargs, say):
+    """``results`` with vanilla fine-tuning's row before the "fine-tuned" row: trained here from the same checkpoint,
+    data, steps and seed, by the code of compare's ``ft`` cell (`METHODS` ``ft``), evaluated, not saved.
 
-    ``processors``: (the checkpoint's image processor, for training; the evaluation one).
+    ``evaluate_kwargs``: `evaluate_splits`' arguments, with ``image_processor`` (the evaluation one).
     """
-    image_processor, eval_processor = processors
+    columns = {"image_column": evaluate_kwargs["image_column"], "label_column": evaluate_kwargs["label_column"]}
     with tempfile.TemporaryDirectory(prefix="vanilla_ft_") as scratch:
-        vanilla = CfftTrainer(
-            model=start_model,
-            args=vanilla_config(args, scratch),
-            train_dataset=train,
-            processing_class=image_processor,
-            image_column=evaluate_kwargs["image_column"],
-            label_column=evaluate_kwargs["label_column"],
-        )
+        vanilla = METHODS["ft"].trainer_class().from_checkpoint(
+            model_args.model_name_or_path, vanilla_config(args, scratch), class_names=class_names,
+            templates=model_args.templates, show_progress=False, train_dataset=train,
+            processing_class=image_processor, **columns,
+        )  # fmt: skip
         if args.process_index == 0:
             say("Training vanilla fine-tuning (beta 0, no masks; same data, steps, seed) for comparison.")
         vanilla.train()
         if not splits:
             return results
-        row = evaluate_splits(vanilla.model, splits, eval_processor, **evaluate_kwargs)  # every process: sharded
+        row = evaluate_splits(vanilla.classifier(), splits, **evaluate_kwargs)  # every process: its shard
     ordered = {key: value for key, value in results.items() if key != "fine-tuned"}
     ordered[VANILLA_ROW] = row
     ordered["fine-tuned"] = results["fine-tuned"]

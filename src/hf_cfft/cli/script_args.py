@@ -24,7 +24,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from .. import methods
 from ..dataset_checks import check_columns, check_max_samples, check_train_classes, subset
 from ..evaluation import results_table, write_report
-from ..hub_ids import reads_as_path
+from ..hub_ids import check_model_source
 from ..trainer import LostProcessError
 from .launch import first_to_report, refuse_a_lone_launch, stop_the_launcher
 from .sources import WORLD, class_names_of, load_image_splits
@@ -423,45 +423,6 @@ def default_model(model_name_or_path: str | None, dataset_name: str, flag: str =
     from ..world import world_clip_path
 
     return str(world_clip_path())
-
-
-def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
-    """Refuse a model folder that does not exist, before transformers turns it into a Hub lookup.
-
-    ``name`` counts as a folder when it reads as a path (`hf_cfft.hub_ids.reads_as_path`).
-    """
-    if os.path.isdir(os.path.expanduser(name)):
-        return
-    if not reads_as_path(name):
-        check_hub_reachable(name, flag)
-    else:
-        raise FileNotFoundError(
-            f"{flag} {name!r}: no such folder (relative paths are read from the working directory {os.getcwd()}). "
-            "If it is the output of an earlier run (e.g. LP-FT stage 1: recipes/configs/baselines/lp_ft_stage1.yaml), "
-            "run that first; if it is a Hub id, check its spelling"
-        )
-
-
-def offline() -> bool:
-    """Whether the Hub is switched off (``HF_HUB_OFFLINE=1`` or ``TRANSFORMERS_OFFLINE=1``)."""
-    from ..config import _hub_is_off
-
-    return _hub_is_off()
-
-
-def check_hub_reachable(repo_id: str, flag: str = "--model_name_or_path") -> None:
-    """Offline, refuse a Hub model id that is not in the local cache: one line with the fix, before any work."""
-    if not offline():
-        return
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-        return
-    raise ValueError(
-        f"{flag} {repo_id!r} is a Hub id, but the Hub is switched off (HF_HUB_OFFLINE=1) and {repo_id!r} is not in "
-        f"the local cache ({constants.HF_HUB_CACHE}). Download it first where there is network (hf download "
-        f"{repo_id}), or pass a local folder that holds it"
-    )
 
 
 # Errors with a message written for the user (the cause and the fix): no traceback needed.

@@ -4,6 +4,8 @@ A subclass of `transformers.Trainer` that holds everything that is not a loss:
 
 - the run folder: marked and locked for the whole run (`hf_cfft.output_folder`), never landing on another run, a
   resume never mixing two configurations (`hf_cfft.training.run_folder`), a lost peer named with where to resume;
+- loading: `from_checkpoint` turns a checkpoint (Hub id or folder), the class names and the prompts into the
+  method's trainer, each method loading what it trains (`_load_models`);
 - the data: a raw image dataset (or a stream) prepared by the method's ``_prepare_raw_dataset``, image checks and
   the fast image processor switch applied the same way for every method;
 - step seeding: a generator per (seed, step, process, micro-step), so that a resumed run draws what it would have;
@@ -22,7 +24,7 @@ import json
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,14 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import HubStrategy
 from transformers.utils import PushInProgress, hf_api, logging
 
+from ..classifier_loading import is_cfft_checkpoint
 from ..config import CfftConfig
 from ..fast_images import FastImageProcessor
 from ..output_folder import OutputFolder
 from ..release.hub import EXCLUDED_FILES, files_to_upload
 from ..release.model_card import TRAINING_ARGS_JSON, write_model_card
 from ..streaming import prepare_streaming_train_dataset
+from ..zeroshot import load_templates
 from .arguments import check_training_arguments
 from .run_folder import check_output_dir, check_run_folder, latest_complete_checkpoint, resolve_resume_checkpoint
 from .run_manifest import MANIFEST_KEY, rows_fingerprint, run_manifest
@@ -62,9 +66,9 @@ class RobustTrainer(Trainer):
             (`hf_cfft.training.run_manifest`).
         Other keyword arguments go to `transformers.Trainer`.
 
-    Subclasses implement ``compute_loss`` and ``_prepare_raw_dataset``, and may override ``_place_frozen_models``
-    (called once the accelerator exists, before the data is prepared), ``_check_streaming`` and
-    ``_release_config``.
+    Subclasses implement ``compute_loss``, ``_prepare_raw_dataset`` and ``_load_models``, and may override
+    ``_place_frozen_models`` (called once the accelerator exists, before the data is prepared), ``_check_streaming``
+    and ``_release_config``.
     """
 
     _tag_names = ["hf_cfft", "clip", "robust-fine-tuning"]  # + the method's own tag (model_card.method_info)
@@ -72,6 +76,8 @@ class RobustTrainer(Trainer):
     # by the accumulation steps itself. Without this, a model whose forward takes **kwargs (CLIPModel, SiglipModel)
     # would make the Trainer assume the loss is already scaled, and accumulation would multiply the gradients.
     loss_is_scaled_for_ga = False
+    # Whether the method makes counterfactual images worth drawing (`hf_cfft.CounterfactualImagesCallback`).
+    shows_counterfactual_images = False
     # TrainingArguments fields the method refuses beyond `arguments.REFUSED` ({field: (accepted value, why)}).
     _refused_arguments: dict = {}
 
@@ -119,6 +125,56 @@ class RobustTrainer(Trainer):
         self._micro_step, self._micro_step_of = 0, -1
         # [{"checkpoint", "step", "changed": {field: [old, new]}}]: resumes that changed settings (card, JSON).
         self.resumed_with_changes: list[dict] = []
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        model_name_or_path: str,
+        args: CfftConfig,
+        *,
+        class_names: Sequence[str],
+        templates: str | Sequence[str],
+        teacher_name_or_path: str | None = None,
+        show_progress: bool = True,
+        **kwargs,
+    ) -> RobustTrainer:
+        """The method's trainer, with what it trains loaded from ``model_name_or_path``.
+
+        ``model_name_or_path``: a pre-trained checkpoint (Hub id or folder: CLIP, MetaCLIP 2, SigLIP) or, for the
+        methods that train a classifier, one saved by hf_cfft (LP-FT's second stage; the card says so).
+        ``class_names`` / ``templates`` (a bundled set's name, a file, or the templates themselves) make the
+        prompts of the zero-shot head. ``teacher_name_or_path``: a classifier to distil from instead of the frozen
+        pre-trained model (methods that distil). Other keyword arguments (``train_dataset``, ``processing_class``,
+        ``data_source``, the columns, ...) go to the trainer's ``__init__``. This is what the fine-tuning job and
+        every training cell of the comparison call, through the method table (`hf_cfft.methods`).
+        """
+        templates = load_templates(templates) if isinstance(templates, str) else list(templates)
+        models = cls._load_models(
+            model_name_or_path, class_names=list(class_names), templates=templates,
+            teacher_name_or_path=teacher_name_or_path, show_progress=show_progress,
+        )  # fmt: skip
+        trainer = cls(args=args, **models, **kwargs)
+        trainer.base_model = model_name_or_path
+        if is_cfft_checkpoint(model_name_or_path):  # e.g. LP-FT's second stage: the card says so
+            trainer.card_origin = {"kind": "trained", "from_classifier": True}
+        return trainer
+
+    @classmethod
+    def _load_models(
+        cls,
+        model_name_or_path: str,
+        *,
+        class_names: list[str],
+        templates: list[str],
+        teacher_name_or_path: str | None,
+        show_progress: bool,
+    ) -> dict[str, Any]:
+        """Hook of `from_checkpoint`: the ``__init__`` arguments holding what the method trains (and distils from)."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to load its models")
+
+    def classifier(self) -> torch.nn.Module:
+        """The image classifier this run trains, as evaluation scores it (the trained model itself, by default)."""
+        return self.model
 
     def _place_frozen_models(self) -> None:
         """Hook: place models that are used but not trained (a teacher) once ``self.accelerator`` exists."""
