@@ -90,6 +90,15 @@ def test_default_batches_keep_the_image_column_and_drop_an_incomplete_last_batch
         ({"per_device_train_batch_size": 1}, "per_device_train_batch_size", "1"),
         ({"per_device_train_batch_size": 1, "fill_kind": "multi"}, "fill_kind", "'multi'"),
         ({"remove_unused_columns": True}, "remove_unused_columns", "True"),
+        # NaN compares False with every bound; infinity is no weight or temperature either.
+        ({"distill_weight": float("nan")}, "distill_weight", "nan"),
+        ({"distill_weight": float("inf")}, "distill_weight", "inf"),
+        ({"kd_temperature": float("nan")}, "kd_temperature", "nan"),
+        ({"lora_rank": 8, "lora_alpha": float("nan")}, "lora_alpha", "nan"),
+        # No step would run: the starting model would be saved as if fine-tuned.
+        ({"num_train_epochs": 0}, "num_train_epochs", "0"),
+        ({"num_train_epochs": -1, "max_steps": -1}, "num_train_epochs", "-1"),
+        ({"label_smoothing_factor": 1.5}, "label_smoothing_factor", "1.5"),
     ],
 )
 def test_invalid_values_raise_naming_the_field_and_value(make, kwargs, field, value):
@@ -109,6 +118,9 @@ def test_invalid_values_raise_naming_the_field_and_value(make, kwargs, field, va
         {"linear_probe": True},
         {"mask_threshold": 0.001},
         {"mask_threshold": 0.999},
+        {"num_train_epochs": 0, "max_steps": 5},  # max_steps decides
+        {"num_train_epochs": 0.5},
+        {"label_smoothing_factor": 1.0},
     ],
 )
 def test_valid_combinations_are_accepted(make, kwargs):

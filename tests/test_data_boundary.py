@@ -188,8 +188,10 @@ def test_an_imagefolder_that_is_not_split_class_image_is_refused_naming_it(clip,
     [
         ("cat\ndog\n", "has 2 names (cat, dog) but the dataset has 3 classes (cat, dog, fox)"),
         ("dog\ncat\nfox\n", "lists the dataset's classes in another order (line 1 is 'dog', but class 0 of the"),
+        # Before: accepted (rc 0), the dog images scored against a second 'cat' prompt.
+        ("cat\ncat\nfox\n", "names class 0's folder 'cat' in the place of another class (line 2 is 'cat', but"),
     ],
-    ids=["count", "order"],
+    ids=["count", "order", "another class's name"],
 )
 def test_a_class_names_file_that_does_not_match_the_folders_is_refused(clip, tmp_path, capsys, names, message):
     images = write_imagefolder(tmp_path / "images", splits=("train",), per_class=2)

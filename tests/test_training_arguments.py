@@ -112,6 +112,10 @@ def test_a_train_set_smaller_than_one_batch_is_refused_before_the_cam_pass(tmp_p
         (["--auto_find_batch_size", "true"], "--auto_find_batch_size True: after an out-of-memory error"),
         (["--label_smoothing_factor", "0.1", "--method", "flyp", "--distill_weight", "0", "--mask_kind", "none",
           "--fill_kind", "none"], "FLYP's contrastive loss has no class targets"),
+        # Before: 0 steps, rc 0 and "Saved the fine-tuned model" holding the zero-shot classifier.
+        (["--max_steps", "-1", "--num_train_epochs", "0"],
+         "num_train_epochs=0.0 with max_steps=-1 (unset) would train no step"),
+        (["--distill_weight", "nan"], "distill_weight=nan must be a finite number >= 0"),
     ],
 )  # fmt: skip
 def test_the_recipe_refuses_them_in_one_line_as_a_user_runs_it(tmp_path, flags, message):

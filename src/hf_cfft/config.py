@@ -8,6 +8,7 @@ weight decay skips biases and LayerNorms, and the schedule is transformers' line
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -261,8 +262,21 @@ class CfftConfig(TrainingArguments):
         _choice("distill_target", self.distill_target, DISTILL_TARGETS)
         _choice("augment", self.augment, AUGMENTATIONS)
         _choice("image_check", self.image_check, IMAGE_CHECKS)
-        if self.distill_weight < 0:
-            raise ValueError(f"distill_weight={self.distill_weight} must be >= 0 (0 = vanilla fine-tuning)")
+        # Written as "not (within range)" so that NaN, which compares False with everything, is refused too.
+        if not 0 <= self.distill_weight < math.inf:
+            raise ValueError(
+                f"distill_weight={self.distill_weight} must be a finite number >= 0 (0 = vanilla fine-tuning)"
+            )
+        if self.max_steps <= 0 and not 0 < self.num_train_epochs < math.inf:
+            raise ValueError(
+                f"num_train_epochs={self.num_train_epochs} with max_steps={self.max_steps} (unset) would train no "
+                "step and save the starting model as if fine-tuned; pass --num_train_epochs > 0 (e.g. 1), or "
+                "--max_steps N"
+            )
+        if not 0 <= self.label_smoothing_factor <= 1:
+            raise ValueError(
+                f"label_smoothing_factor={self.label_smoothing_factor} must lie in [0, 1] (0 = none, e.g. 0.1)"
+            )
         if not 0 < self.mask_threshold < 1:
             raise ValueError(f"mask_threshold={self.mask_threshold} must lie in (0, 1); the paper's best is 0.3")
         if self.mask_top_fraction is not None and not 0 < self.mask_top_fraction < 1:
@@ -271,7 +285,7 @@ class CfftConfig(TrainingArguments):
             )
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"mask_ratio={self.mask_ratio} must lie in (0, 1); the paper tries 0.25, 0.5, 0.75")
-        if self.kd_temperature <= 0:
+        if not 0 < self.kd_temperature < math.inf:
             raise ValueError(f"kd_temperature={self.kd_temperature} must be > 0")
         if self.cam_batch_size < 1:
             raise ValueError(f"cam_batch_size={self.cam_batch_size} must be >= 1")
@@ -315,7 +329,7 @@ class CfftConfig(TrainingArguments):
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 (0 = full fine-tuning, e.g. 8 or 16 for LoRA)")
         if self.lora_rank > 0:
-            if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            if not (0 < self.lora_alpha < math.inf and 0 <= self.lora_dropout < 1):
                 raise ValueError(
                     f"lora_alpha={self.lora_alpha} must be > 0 and lora_dropout={self.lora_dropout} in [0, 1)"
                 )

@@ -163,7 +163,8 @@ def check_class_names_file(names: Sequence[str], dataset: Dataset, label_column:
     """Refuse ``--class_names`` from ``source`` that contradicts the dataset's own ClassLabel (count or order).
 
     Names that merely read differently (a file of readable names for folders named by WordNet id) are accepted; the
-    same names in another order, or another number of names, would score every image against the wrong class.
+    same names in another order, a line naming another class's folder (``cat, cat, fox`` for folders ``cat, dog,
+    fox``), or another number of names would score images against the wrong class.
     """
     feature = dataset.features.get(label_column)
     if not isinstance(feature, ClassLabel):
@@ -176,13 +177,19 @@ def check_class_names_file(names: Sequence[str], dataset: Dataset, label_column:
             "per class, in the dataset's class order (an ImageFolder's: its folder names sorted), or drop "
             "--class_names to use the dataset's own names"
         )
-    if list(names) != folders and sorted(names) == sorted(folders):
-        moved = [(i, a, b) for i, (a, b) in enumerate(zip(names, folders)) if a != b]
+    # A line naming another class's folder: the same names in another order, or a name repeated in another's place.
+    moved = [(i, a, b) for i, (a, b) in enumerate(zip(names, folders)) if a != b and a in folders]
+    if moved:
         i, given, expected = moved[0]
+        what = (
+            "lists the dataset's classes in another order"
+            if sorted(names) == sorted(folders)
+            else f"names class {folders.index(given)}'s folder {given!r} in the place of another class"
+        )
         raise ValueError(
-            f"--class_names {source} lists the dataset's classes in another order (line {i + 1} is {given!r}, but "
-            f"class {i} of the dataset is {expected!r}): every image would be scored against the wrong name. Write "
-            "them in the dataset's class order (an ImageFolder's: its folder names sorted), or drop --class_names"
+            f"--class_names {source} {what} (line {i + 1} is {given!r}, but class {i} of the dataset is "
+            f"{expected!r}): images would be scored against the wrong name. Write one name per class in the "
+            "dataset's class order (an ImageFolder's: its folder names sorted), or drop --class_names"
         )
 
 
