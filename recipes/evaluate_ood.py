@@ -26,7 +26,7 @@ from accelerate import PartialState
 from transformers import AutoImageProcessor, HfArgumentParser
 
 from hf_cfft import is_cfft_checkpoint, load_class_names, load_classifier, load_templates
-from hf_cfft.cli.script_args import default_model, run_recipe
+from hf_cfft.cli.script_args import check_batch_size, default_model, run_recipe
 from hf_cfft.cli.sources import WORLD, class_names_for, load_image_splits
 from hf_cfft.evaluation import (
     RunResult,
@@ -96,6 +96,9 @@ class EvalArguments:
         metadata={"help": "The embedded world only: the object's contrast (0.35: the adaptation world)."},
     )
     output_dir: str = field(default="outputs/ood_eval", metadata={"help": "Where the results are written."})
+
+    def __post_init__(self):
+        check_batch_size("--batch_size", self.batch_size)
 
 
 def build_sets(args: EvalArguments):

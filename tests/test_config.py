@@ -99,6 +99,10 @@ def test_default_batches_keep_the_image_column_and_drop_an_incomplete_last_batch
         ({"num_train_epochs": 0}, "num_train_epochs", "0"),
         ({"num_train_epochs": -1, "max_steps": -1}, "num_train_epochs", "-1"),
         ({"label_smoothing_factor": 1.5}, "label_smoothing_factor", "1.5"),
+        # Before: an eval batch of 0 failed inside torch after training, with the model not yet saved.
+        ({"per_device_eval_batch_size": 0}, "per_device_eval_batch_size", "0"),
+        ({"per_device_train_batch_size": 0, "fill_kind": "none"}, "per_device_train_batch_size", "0"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps", "0"),
     ],
 )
 def test_invalid_values_raise_naming_the_field_and_value(make, kwargs, field, value):

@@ -204,6 +204,30 @@ def test_a_batch_size_that_is_not_a_whole_number_is_refused_before_any_work(work
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("recipe", "flags", "message"),
+    [
+        ("finetune", ["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size=0 must be >= 1"),
+        ("zero_shot", ["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size 0 must be a whole number"),
+        ("evaluate_ood", ["--batch_size", "0"], "--batch_size 0 must be a whole number >= 1"),
+    ],
+)
+def test_a_batch_of_no_image_is_refused_when_the_flags_are_read(workspace, tmp_path, capsys, recipe, flags, message):
+    """Before: torch's `batch_size should be a positive integer value` at the first evaluation, which in fine-tuning
+    came after training and before the save, so the trained model was lost."""
+    clip, images = workspace
+    out = tmp_path / "out"
+    argv = {
+        "finetune": _args(workspace, out, "--eval_splits", "train", *flags),
+        "zero_shot": ["--model_name_or_path", str(clip), "--dataset_name", str(images), "--eval_splits", "train",
+                      "--templates", "simple", "--output_dir", str(out), *flags],
+        "evaluate_ood": ["--model_name_or_path", str(clip), "--dataset_name", str(images), "--id_split", "train",
+                         "--templates", "simple", "--output_dir", str(out), *flags],
+    }[recipe]  # fmt: skip
+    assert message in _refused(capsys, argv, recipe)
+    assert not out.exists()
+
+
 # ---- resume auto on a finished run ----
 
 

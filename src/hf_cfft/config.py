@@ -240,6 +240,9 @@ class CfftConfig(TrainingArguments):
                     f"{name}={value!r} must be a whole number (e.g. {name}={max(1, int(value or 0))}); got a "
                     f"{type(value).__name__}"
                 )
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:  # the eval batch would fail only after training, losing the run
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 (--{name} 1 or more)")
         if self.push_to_hub and hub_is_off():
             raise ValueError(
                 "--push_to_hub true needs the Hub, but it is switched off here (HF_HUB_OFFLINE=1): the upload would "

@@ -158,6 +158,15 @@ class PostHocArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the embedded world's splits (as in finetune)."})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; default: cuda when available."})
 
+    def __post_init__(self):
+        check_batch_size("--per_device_eval_batch_size", self.per_device_eval_batch_size)
+
+
+def check_batch_size(flag: str, value: int) -> None:
+    """Refuse a batch of fewer than one image when the flags are read, not at the first forward pass."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{flag} {value!r} must be a whole number >= 1 (images per forward pass)")
+
 
 CONFIG_HELP = (
     "A YAML file of flag values (keys = flag names). Flags given on the command line override it. Relative paths in "
