@@ -282,3 +282,12 @@ def test_hidden_folders_and_files_are_let_be_as_the_builder_skips_them(tmp_path)
     _image(root / "train" / "cat" / "._0.png")  # a macOS resource fork
     train, _ = load_train_and_eval_splits(DataArguments(dataset_name=str(root)), seed=0)
     assert train.features["label"].names == ["cat", "dog"] and len(train) == 2
+
+
+def test_the_train_split_scored_as_an_eval_split_is_refused(clip, tmp_path, capsys):
+    """Before: rc 0, the split popped from the eval splits when training took it, its column shown as '-'."""
+    images = write_imagefolder(tmp_path / "images", splits=("train", "test"), per_class=2)
+    argv = _finetune_args(clip, images, tmp_path / "run", "--train_split", "test", "--eval_splits", "test", "train")
+    err = _refused(capsys, argv)
+    assert "--train_split 'test' is also in --eval_splits ['test', 'train']: its accuracy would be measured" in err
+    assert not (tmp_path / "run" / "model.safetensors").exists()

@@ -463,8 +463,15 @@ def load_train_and_eval_splits(data_args: DataArguments, seed: int) -> tuple[Dat
 
     The columns must exist and hold class indices, the train split must hold two classes or more, and every class
     of an eval split must be trained (`hf_cfft.dataset_checks`); ``--max_train_samples`` / ``--max_eval_samples``
-    take a sample seeded by ``seed`` and spread over the classes (`hf_cfft.dataset_checks.subset`).
+    take a sample seeded by ``seed`` and spread over the classes (`hf_cfft.dataset_checks.subset`). The train split
+    is never an eval split: its accuracy would be measured on the images the model was trained on.
     """
+    if data_args.train_split in data_args.eval_splits:
+        raise ValueError(
+            f"--train_split {data_args.train_split!r} is also in --eval_splits {data_args.eval_splits}: its accuracy "
+            "would be measured on the images the model trains on, not held out. Remove it from --eval_splits, or "
+            "train on another split (--train_split)"
+        )
     splits = load_image_splits(
         data_args.dataset_name,
         [data_args.train_split, *data_args.eval_splits],
