@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> str:
     )
     if args.num_images < 1:
         raise ValueError(f"--num_images={args.num_images} must be >= 1")
+    for flag, value in (("--mask_threshold", args.mask_threshold), ("--mask_ratio", args.mask_ratio)):
+        if value is not None and not 0 < value < 1:  # written so that NaN is refused too
+            raise ValueError(f"{flag}={value} must lie in (0, 1): outside it every mask is empty or whole")
     check_output_file(args.output_file)  # before the model and the images are loaded
     on_world = data_args.dataset_name == WORLD
     if args.mask_threshold is None:

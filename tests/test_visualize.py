@@ -100,6 +100,19 @@ def test_visualize_recipe_writes_the_grid_png(tmp_path):
         assert not np.array_equal(obj, _crop(picture, layout, row, titles.index("context single-fill")))
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--mask_threshold", "2.0"), ("--mask_threshold", "nan"), ("--mask_ratio", "0.0")]
+)
+def test_a_mask_setting_outside_0_1_is_refused_before_any_picture(tmp_path, flag, value):
+    """Before: --mask_threshold 2 wrote a picture whose object masks were all empty, rc 0."""
+    out = tmp_path / "grid.png"
+    with pytest.raises(ValueError, match=rf"{flag}={value} must lie in \(0, 1\)"):
+        _recipe("visualize").main(["--model_name_or_path", "unused", "--output_file", str(out), flag, value])
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"threshold=2 and ratio=0.5 must lie in \(0, 1\)"):
+        counterfactual_grid(_images(2), _cams(2), MEAN, STD, 8, threshold=2)
+
+
 class _Writer:
     def __init__(self):
         self.images = []

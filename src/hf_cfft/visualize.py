@@ -191,6 +191,8 @@ def counterfactual_grid(
     if row_titles is not None and len(row_titles) != batch:
         raise ValueError(f"got {len(row_titles)} row titles for {batch} images")
     _check_kinds(mask_kinds, fill_kinds, batch)
+    if not (0 < threshold < 1 and 0 < ratio < 1):
+        raise ValueError(f"threshold={threshold} and ratio={ratio} must lie in (0, 1): else a mask is empty or whole")
     images = images.detach().float().cpu()
     cams = cams.detach().float().cpu()
 
