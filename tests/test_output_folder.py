@@ -103,6 +103,36 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path):
     assert not (out / LOCK_NAME).exists()
 
 
+def test_a_run_that_fails_before_writing_leaves_no_folder_it_made_but_keeps_what_it_wrote(tmp_path):
+    new = tmp_path / "new"
+    with pytest.raises(ValueError, match="refused"), OutputFolder(new, "compare"):
+        raise ValueError("refused")
+    assert not new.exists()  # before: an empty folder (its mark) stayed behind a refused run
+    wrote = tmp_path / "wrote"
+    with pytest.raises(RuntimeError), OutputFolder(wrote, "compare"):
+        (wrote / "rows.jsonl").write_text("{}\n")
+        raise RuntimeError("later")
+    assert (wrote / "rows.jsonl").read_text() == "{}\n" and (wrote / MARK_NAME).is_file()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(ValueError), OutputFolder(existing, "compare"):
+        raise ValueError("refused")
+    assert existing.is_dir()  # a folder the run did not make is never removed
+
+
+def test_compare_refuses_a_strength_outside_its_range_before_any_cell_and_leaves_no_folder(tmp_path, capsys):
+    from test_error_path import _refused
+
+    for flags, message in (
+        (["--methods", "ft", "cfft", "--betas", "-1"], "beta -1 of CFFT object/single must be a finite number >= 0"),
+        (["--methods", "ft", "wise_ft", "--alphas", "2"], "alpha 2 of WiSE-FT must lie in [0, 1]"),
+    ):
+        out = tmp_path / "cmp"
+        err = _refused(capsys, ["--output_dir", str(out), *flags, "--ood_splits", "ood"], "compare")
+        assert message in err  # before: the ft cell trained first, then the bad cell failed
+        assert not out.exists()
+
+
 def test_another_kind_of_output_is_refused_naming_what_made_the_folder(tmp_path):
     out = _model_folder(tmp_path / "ft", "finetune")
     before = _hashes(out)

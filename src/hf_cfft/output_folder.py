@@ -303,11 +303,13 @@ class OutputFolder:
         self.folder, self.kind, self.flag = Path(folder), kind, flag
         self.overwrite, self.resuming, self.write, self.lock_name = overwrite, resuming, write, lock_name
         self._lock: Path | None = None
+        self._created = False
 
     def __enter__(self) -> OutputFolder:
         check_output_folder(self.folder, self.kind, overwrite=self.overwrite, resuming=self.resuming, flag=self.flag)
         if not self.write:
             return self
+        self._created = not self.folder.exists()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -316,17 +318,28 @@ class OutputFolder:
         try:
             write_mark(self.folder, self.kind)
         except OSError as error:
-            self.__exit__(None, None, None)
+            self.__exit__(OSError)
             raise _not_writable(self.folder, error, self.flag) from None
-        except BaseException:
-            self.__exit__(None, None, None)
+        except BaseException as error:
+            self.__exit__(type(error))
             raise
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, error_type=None, *exc_info) -> None:
         if self._lock is not None:
             release_lock(self._lock)
             self._lock = None
+        if error_type is not None and self._created:
+            self._remove_if_nothing_was_written()
+
+    def _remove_if_nothing_was_written(self) -> None:
+        """A run that failed before writing anything leaves no folder it made behind: a refusal changes nothing."""
+        try:
+            if {entry.name for entry in self.folder.iterdir()} <= {MARK_NAME}:
+                (self.folder / MARK_NAME).unlink(missing_ok=True)
+                self.folder.rmdir()
+        except OSError:  # another process wrote there meanwhile, or it is gone: leave it
+            pass
 
 
 def refuse_output_inside(output_dir: str | os.PathLike, inputs: dict[str, str], flag: str = "--output_dir") -> None:

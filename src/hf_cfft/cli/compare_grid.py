@@ -6,6 +6,7 @@ post-hoc model built from trained ones (zero-shot, WiSE-FT at one alpha, a soup)
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -244,6 +245,7 @@ def parse_compare_args(argv: Sequence[str]) -> tuple[CompareArguments, dict[str,
     unknown = [m for m in args.methods if m not in registry]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(registry)}")
+    check_strengths(args.methods, registry, betas=args.betas, alphas=args.alphas)
     if isinstance(args.reference_method, str):  # a YAML string: one reference
         args.reference_method = [args.reference_method]
     named = (("--reference_method", args.reference_method or []), ("--oracle_method", [args.oracle_method]))
@@ -320,6 +322,32 @@ def run_length(args) -> float | int | str:
     return f"{args.max_steps} steps" if args.max_steps > 0 else _epochs(args.num_train_epochs)
 
 
+def _strengths(spec: MethodSpec, betas: Sequence[float], alphas: Sequence[float]) -> Sequence[float]:
+    """The strengths a method's cells run at: its own (a config's ``strengths``), else the grid's of its kind."""
+    if spec.strengths is not None:
+        return spec.strengths
+    return {"beta": betas, "alpha": alphas, None: (0.0,)}[spec.strength]
+
+
+def check_strengths(
+    methods: Sequence[str], registry: Mapping[str, MethodSpec], *, betas: Sequence[float], alphas: Sequence[float]
+) -> None:
+    """Refuse a beta that is not a finite number >= 0, or an alpha outside [0, 1], before any cell runs."""
+    for key in with_dependencies(methods, registry):
+        spec = registry[key]
+        for value in map(float, _strengths(spec, betas, alphas)):
+            if spec.strength == "beta" and not 0 <= value < math.inf:
+                raise ValueError(
+                    f"beta {value:g} of {spec.name} must be a finite number >= 0 (0 = vanilla fine-tuning); fix "
+                    "--betas (or the method's strengths in --config)"
+                )
+            if spec.strength == "alpha" and not 0 <= value <= 1:
+                raise ValueError(
+                    f"alpha {value:g} of {spec.name} must lie in [0, 1] (0 = zero-shot, 1 = fine-tuned); fix --alphas "
+                    "(or the method's strengths in --config)"
+                )
+
+
 def plan_cells(
     methods: Sequence[str],
     registry: Mapping[str, MethodSpec],
@@ -333,8 +361,7 @@ def plan_cells(
     cells = []
     for key in with_dependencies(methods, registry):
         spec = registry[key]
-        grid = {"beta": betas, "alpha": alphas, None: (0.0,)}[spec.strength]
-        grid = spec.strengths if spec.strengths is not None else grid
+        grid = _strengths(spec, betas, alphas)
         source = registry[spec.source] if spec.source else None
         own_epochs = _epochs(spec.epochs or (source.epochs if source and source.epochs else None) or epochs)
         run_seeds = ["all"] if spec.kind in ("uniform_soup", "greedy_soup") else list(seeds)
