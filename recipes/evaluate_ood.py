@@ -26,8 +26,9 @@ from accelerate import PartialState
 from transformers import AutoImageProcessor, HfArgumentParser
 
 from hf_cfft import is_cfft_checkpoint, load_class_names, load_classifier, load_templates
-from hf_cfft.cli.script_args import check_batch_size, default_model, run_recipe
+from hf_cfft.cli.script_args import check_batch_size, check_split_names, default_model, run_recipe
 from hf_cfft.cli.sources import WORLD, class_names_for, load_image_splits
+from hf_cfft.dataset_checks import check_max_samples
 from hf_cfft.evaluation import (
     RunResult,
     dataset_eval_sets,
@@ -99,6 +100,8 @@ class EvalArguments:
 
     def __post_init__(self):
         check_batch_size("--batch_size", self.batch_size)
+        check_max_samples("--max_eval_samples", self.max_eval_samples)
+        check_split_names(self.ood_splits, "--ood_splits", id_split=self.id_split)
 
 
 def build_sets(args: EvalArguments):
@@ -130,6 +133,7 @@ def build_sets(args: EvalArguments):
         ood_splits = list(OOD_SPLITS)
     if id_split is None:
         raise ValueError("--id_split is required with --dataset_name (and --ood_splits for the shifted splits)")
+    check_split_names(ood_splits, "--ood_splits", id_split=id_split)  # the world's default ID split too
     splits = load_image_splits(
         dataset_name, [id_split, *ood_splits], dataset_config=args.dataset_config, world_seed=args.world_seed,
         world_object_contrast=args.world_object_contrast,

@@ -291,3 +291,10 @@ def test_the_train_split_scored_as_an_eval_split_is_refused(clip, tmp_path, caps
     err = _refused(capsys, argv)
     assert "--train_split 'test' is also in --eval_splits ['test', 'train']: its accuracy would be measured" in err
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_split_named_twice_is_refused(clip, tmp_path, capsys):
+    """Before: an OOD split named twice counted twice in the OOD average, rc 0."""
+    images = write_imagefolder(tmp_path / "images", splits=("train", "test", "ood"), per_class=2)
+    argv = _finetune_args(clip, images, tmp_path / "run", "--eval_splits", "test", "ood", "--ood_splits", "ood", "ood")
+    assert "--ood_splits names 'ood' more than once; name each split once" in _refused(capsys, argv)

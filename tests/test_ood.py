@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -351,6 +352,27 @@ def _imagenet_tree(root: Path) -> Path:
         for seed, folder in enumerate(folders):
             _images(root / sub / folder, 2, seed=seed)
     return root
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # Before: rc 0, the ID split's accuracy averaged as OOD.
+        (["--id_split", "test_id", "--ood_splits", "test_id", "ood_a"], "holds the in-distribution split 'test_id'"),
+        (["--dataset_name", "world", "--ood_splits", "test_id"], "holds the in-distribution split 'test_id'"),
+        # Before: rc 0, ood_a counted twice in the OOD average.
+        (["--id_split", "test_id", "--ood_splits", "ood_a", "ood_a", "ood_b"], "names 'ood_a' more than once"),
+        # Before: 0 read as "no limit", every image scored.
+        (["--id_split", "test_id", "--max_eval_samples", "0"], "--max_eval_samples 0 must be a positive number"),
+    ],
+)
+def test_recipe_refuses_splits_that_would_make_a_wrong_ood_average(tmp_path, flags, message):
+    images = write_imagefolder(tmp_path / "images", splits=("test_id", "ood_a", "ood_b"), per_class=1)
+    argv = ["--model_name_or_path", str(tmp_path / "unused"), "--dataset_name", str(images), *flags,
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _recipe().main(argv)
+    assert not (tmp_path / "out").exists()
 
 
 def test_recipe_runs_the_imagenet_benchmark_on_the_published_layouts(tmp_path):

@@ -96,6 +96,8 @@ class DataArguments:
         check_max_samples("--max_eval_samples", self.max_eval_samples)
         if isinstance(self.eval_splits, str) or isinstance(self.ood_splits, str):
             raise ValueError("eval_splits and ood_splits are lists of split names, e.g. eval_splits=['test']")
+        check_split_names(self.eval_splits, "--eval_splits")
+        check_split_names(self.ood_splits, "--ood_splits")
         not_evaluated = [split for split in self.ood_splits if split not in self.eval_splits]
         if not_evaluated:
             raise ValueError(
@@ -160,6 +162,18 @@ class PostHocArguments:
 
     def __post_init__(self):
         check_batch_size("--per_device_eval_batch_size", self.per_device_eval_batch_size)
+
+
+def check_split_names(splits: list[str], flag: str, *, id_split: str | None = None) -> None:
+    """Refuse a split named twice (it would count twice in the OOD average) or the ID split among the OOD splits."""
+    repeated = sorted({name for name in splits if splits.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{flag} names {', '.join(map(repr, repeated))} more than once; name each split once")
+    if id_split is not None and id_split in splits:
+        raise ValueError(
+            f"{flag} {splits} holds the in-distribution split {id_split!r}: its accuracy would count as OOD. Remove "
+            "it from the OOD splits"
+        )
 
 
 def check_batch_size(flag: str, value: int) -> None:
