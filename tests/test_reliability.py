@@ -406,3 +406,39 @@ def test_image_broken_past_its_header_is_named_when_decoded(tmp_path):
     path.write_bytes(path.read_bytes()[:600])
     with pytest.raises(ValueError, match=r"cannot read image .*cut\.jpg.*--skip_corrupt_images"):
         load_image({"path": str(path), "bytes": None})
+
+
+def test_a_run_stopped_after_its_last_checkpoint_resumes_to_its_weights_without_an_extra_step(
+    tmp_path, tiny_classifier, tiny_image_processor
+):
+    """Stopped between the last checkpoint and the final save, then resumed: before, transformers' loop trained one
+    step past max_steps (checkpoint-5 of a 4-step run; with a constant learning rate, other weights, rc 0)."""
+    import copy
+
+    import datasets
+    from PIL import Image
+
+    from hf_cfft import CfftConfig, CfftTrainer
+
+    # 12 images, 3 steps an epoch: the run's last step (4) falls inside an epoch, where the loop went on.
+    images = [Image.new("RGB", (32, 32), (20 * i, 220 - 15 * i, 90)) for i in range(12)]
+    train = datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(12)]})
+    args = CfftConfig(
+        output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2, per_device_train_batch_size=4, use_cpu=True,
+        distill_weight=0.0, mask_kind="none", fill_kind="none", report_to="none", lr_scheduler_type="constant",
+        learning_rate=1e-2, logging_steps=1,
+    )  # fmt: skip
+    start = copy.deepcopy(tiny_classifier)
+    trainer = CfftTrainer(model=tiny_classifier, args=args, train_dataset=train, processing_class=tiny_image_processor)
+    trainer.train()  # no final save_model: as if the run stopped right after checkpoint-4
+    finished = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
+    assert not all(torch.equal(finished[name], tensor) for name, tensor in start.state_dict().items())
+
+    again = CfftTrainer(model=start, args=args, train_dataset=train, processing_class=tiny_image_processor)
+    result = again.train(resume_from_checkpoint="auto")
+    assert result.global_step == 4 and again.state.global_step == 4 and again.state.max_steps == 4
+    assert all(torch.equal(finished[name], tensor) for name, tensor in again.model.state_dict().items())
+    assert sorted(path.name for path in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert result.training_loss == pytest.approx(
+        sum(log["loss"] for log in again.state.log_history if "loss" in log) / 4
+    )

@@ -32,8 +32,9 @@ import datasets
 import torch
 from torch.optim.lr_scheduler import OneCycleLR
 from transformers import PretrainedConfig, Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import HubStrategy
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import HubStrategy, TrainOutput
 from transformers.utils import PushInProgress, hf_api, logging
 
 from ..classifier_loading import is_cfft_checkpoint
@@ -45,7 +46,13 @@ from ..release.model_card import TRAINING_ARGS_JSON, write_model_card
 from ..streaming import prepare_streaming_train_dataset
 from ..zeroshot import load_templates
 from .arguments import check_training_arguments
-from .run_folder import check_output_dir, check_run_folder, latest_complete_checkpoint, resolve_resume_checkpoint
+from .run_folder import (
+    check_output_dir,
+    check_run_folder,
+    checkpoint_ends_the_run,
+    latest_complete_checkpoint,
+    resolve_resume_checkpoint,
+)
 from .run_manifest import MANIFEST_KEY, rows_fingerprint, run_manifest
 
 logger = logging.get_logger(__name__)
@@ -214,12 +221,32 @@ class RobustTrainer(Trainer):
                 changes = {key: list(values) for key, values in changed.items()}
                 entry = {"checkpoint": Path(checkpoint).name, "step": step, "changed": changes}
                 self.resumed_with_changes.append(entry)
+        if checkpoint is not None:
+            state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
+            if checkpoint_ends_the_run(state, args):
+                return self._take_the_last_checkpoint(checkpoint)
         try:
             return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
         except RuntimeError as error:
             if args.world_size > 1 and _lost_a_peer(error):
                 raise LostProcessError(self._lost_peer_message(error)) from error
             raise
+
+    def _take_the_last_checkpoint(self, checkpoint: str) -> TrainOutput:
+        """The run's result when ``checkpoint`` is its last step (a run stopped between that checkpoint and the final
+        save): the checkpoint's weights and state, no step trained. Resumed there, transformers' loop trains one step
+        past ``max_steps`` (with a constant learning rate that changes the weights) and saves it as ``checkpoint-N+1``.
+        """
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        logger.warning(
+            "%s is step %d, the run's last: training is complete, its weights are the result (no step trained)",
+            checkpoint, self.state.global_step,
+        )  # fmt: skip
+        losses = [log["loss"] for log in self.state.log_history if "loss" in log]
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        metrics = {"train_runtime": 0.0, "train_loss": loss, "epoch": self.state.epoch}
+        return TrainOutput(self.state.global_step, loss, metrics)
 
     def _lost_peer_message(self, error: BaseException) -> str:
         args = self.args

@@ -126,6 +126,20 @@ def resolve_resume_checkpoint(
     return path
 
 
+def checkpoint_ends_the_run(state: Mapping[str, Any], args: Any) -> bool:
+    """Whether a checkpoint (its ``trainer_state.json``, ``state``) is the last step ``args`` would train.
+
+    With ``max_steps`` set: its step reached it. With epochs: the same ``num_train_epochs`` as the saved run, and its
+    step reached that run's last step. transformers' loop, resumed there, would train one step past the end.
+    """
+    step, max_steps = state.get("global_step", 0), getattr(args, "max_steps", -1) or -1
+    if max_steps > 0:
+        return step >= max_steps
+    epochs, last = state.get("num_train_epochs"), state.get("max_steps")
+    same_length = epochs is not None and float(getattr(args, "num_train_epochs", 0)) == float(epochs)
+    return same_length and last is not None and 0 < last <= step
+
+
 def refuse_resuming_a_finished_run(output_dir: str, args: Any) -> None:
     """Raise when ``output_dir`` holds a finished run that ``args`` would not train further: nothing is left to resume.
 
