@@ -38,6 +38,7 @@ from hf_cfft.evaluation import (
     write_robustness_report,
 )
 from hf_cfft.evaluation.imagenet_shifts import ID_SHIFT, SHIFTS, find_sources
+from hf_cfft.image_checks import check_eval_images
 from hf_cfft.output_folder import OutputFolder
 
 
@@ -171,6 +172,9 @@ def _evaluate(args: EvalArguments, state: PartialState) -> dict:
         raise ValueError("--model_name_or_path is required (one or more CLIP checkpoints or saved classifiers)")
     for s in sets:
         s.dataset = subsample(s.dataset, args.max_eval_samples)
+    checked = check_eval_images({s.name: s.dataset for s in sets})  # refused by name before any model is scored
+    for s in sets:
+        s.dataset = checked[s.name]
     device = args.device or state.device
     templates = load_templates(args.templates or default_templates)
 

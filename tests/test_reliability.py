@@ -442,3 +442,41 @@ def test_a_run_stopped_after_its_last_checkpoint_resumes_to_its_weights_without_
     assert result.training_loss == pytest.approx(
         sum(log["loss"] for log in again.state.log_history if "loss" in log) / 4
     )
+
+
+def test_an_unreadable_eval_image_is_named_before_training_and_a_late_one_keeps_the_trained_model(
+    workspace, tmp_path, capsys
+):
+    """Before: a corrupt file in an eval split ended the recipe in a PIL traceback at the first evaluation, which
+    with --evaluate_zero_shot false came after training and before the save: the trained model was lost."""
+    import shutil
+
+    import numpy as np
+    from _builders import load_script
+    from PIL import Image
+
+    from hf_cfft.cli.script_args import run_recipe
+
+    clip, images = workspace
+    data = tmp_path / "images"
+    shutil.copytree(images, data)
+    write_imagefolder(data, splits=("test",), per_class=2)
+    recipe = load_script(RECIPE, "finetune_recipe_eval_images")
+
+    (data / "test" / "cat" / "junk.png").write_text("not an image")
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        run_recipe(lambda: recipe.main(_args(clip, data, run, "--eval_splits", "test", "--max_steps", "2")))
+    err = capsys.readouterr().err
+    assert "1 unreadable image(s) in eval split 'test': " in err and "junk.png" in err
+    assert not (run / "model.safetensors").exists() and not list(run.glob("checkpoint-*"))  # nothing trained
+
+    # A body cut short passes the quick check; it fails at the final evaluation, after training.
+    (data / "test" / "cat" / "junk.png").unlink()
+    cut = data / "test" / "cat" / "cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:1000])  # the header and the first scans: 'verify' passes, decoding fails
+    with pytest.raises(ValueError, match=r"cannot read image .*cut\.jpg"):
+        recipe.main(_args(clip, data, tmp_path / "late", "--eval_splits", "test", "--max_steps", "2"))
+    assert (tmp_path / "late" / "model.safetensors").is_file()
+    assert "the fine-tuned model was saved to" in capsys.readouterr().out

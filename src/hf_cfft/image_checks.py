@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Mapping
 
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
@@ -67,18 +68,47 @@ def find_unreadable_images(
 
 
 def drop_unreadable_images(
-    dataset: Dataset, image_column: str = "image", *, skip: bool = False, check: str = "verify", num_proc=None
+    dataset: Dataset,
+    image_column: str = "image",
+    *,
+    skip: bool = False,
+    check: str = "verify",
+    num_proc=None,
+    where: str = "the dataset",
+    skip_hint: str | None = "--skip_corrupt_images true to train without them",
 ) -> tuple[Dataset, int]:
-    """Fail on unreadable images with their names (default), or drop them and return how many were dropped."""
+    """Fail on unreadable images with their names (default), or drop them and return how many were dropped.
+
+    ``where`` names the images' set in the message; ``skip_hint`` is the flag that drops them (None: the recipe has
+    none, and the message says only to remove or replace them).
+    """
     bad = find_unreadable_images(dataset, image_column, check=check, num_proc=num_proc)
     if not bad:
         return dataset, 0
     listing = "; ".join(f"{name} ({error})" for _, name, error in bad[:5]) + (" ..." if len(bad) > 5 else "")
     if not skip:
-        raise ValueError(
-            f"{len(bad)} unreadable image(s) in the dataset: {listing}. Remove or replace them, or pass "
-            "--skip_corrupt_images true to train without them"
-        )
+        fix = f"Remove or replace them, or pass {skip_hint}" if skip_hint else "Remove or replace them"
+        raise ValueError(f"{len(bad)} unreadable image(s) in {where}: {listing}. {fix}")
     dropped = {index for index, _, _ in bad}
     logger.warning("Skipping %d unreadable image(s): %s", len(bad), listing)
     return dataset.select([i for i in range(len(dataset)) if i not in dropped]), len(bad)
+
+
+def check_eval_images(
+    splits: Mapping[str, Dataset],
+    image_column: str = "image",
+    *,
+    check: str = "verify",
+    skip: bool = False,
+    skip_hint: str | None = None,
+) -> dict[str, Dataset]:
+    """Each eval split with its unreadable images refused by name (before any model is scored or trained), or, with
+    ``skip``, left out of its accuracy with a warning. ``skip_hint``: the flag that skips them, for the message."""
+    kept = {}
+    for name, split in splits.items():
+        kept[name], dropped = drop_unreadable_images(
+            split, image_column, skip=skip, check=check, where=f"eval split {name!r}", skip_hint=skip_hint
+        )
+        if dropped:
+            logger.warning("Left %d unreadable image(s) of eval split %r out of its accuracy", dropped, name)
+    return kept

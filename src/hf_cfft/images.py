@@ -33,7 +33,8 @@ def load_image(item: Any) -> Image.Image:
         except (OSError, SyntaxError, ValueError) as error:
             raise ValueError(
                 f"cannot read image {name}: {error}. Remove or replace the file, or train with "
-                "--skip_corrupt_images true to drop unreadable images before training"
+                "--skip_corrupt_images true with --image_check decode, which finds and drops such images before "
+                "training and evaluation"
             ) from error
     else:
         image = item

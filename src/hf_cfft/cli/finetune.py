@@ -22,6 +22,7 @@ from ..callbacks import CounterfactualImagesCallback
 from ..config import CfftConfig
 from ..evaluation import evaluate_splits
 from ..fast_images import FastImageProcessor
+from ..image_checks import check_eval_images
 from ..methods import METHODS, method_of
 from ..output_folder import OutputFolder
 from ..training.run_folder import check_run_folder, resolve_resume_checkpoint
@@ -118,6 +119,11 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume, say: Call
     # writing the same cache files at the same time.
     with args.main_process_first(local=True, desc="loading the dataset"):
         train, splits = load_train_and_eval_splits(data_args, seed=args.seed)
+    # An unreadable eval image would otherwise stop the run at its first evaluation, possibly after training.
+    splits = check_eval_images(
+        splits, data_args.image_column, check=args.image_check, skip=args.skip_corrupt_images,
+        skip_hint="--skip_corrupt_images true to leave them out of the accuracy",
+    )  # fmt: skip
     class_names = class_names_for(model_args.class_names, train, data_args.label_column)
     source = train_data_source(data_args)
     if resume is not None:  # other rows than the checkpoint's are refused now, before any CAM pass (the trainer again)
@@ -166,7 +172,13 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume, say: Call
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
     if splits:
-        results["fine-tuned"] = evaluate_splits(trainer.classifier(), splits, eval_processor, **evaluate_kwargs)
+        try:
+            results["fine-tuned"] = evaluate_splits(trainer.classifier(), splits, eval_processor, **evaluate_kwargs)
+        except BaseException:  # e.g. an image broken past its header: the trained model is kept all the same
+            trainer.save_model(args.output_dir)
+            if trainer.is_world_process_zero():
+                say(f"The evaluation failed; the fine-tuned model was saved to {args.output_dir} first.")
+            raise
         trainer.eval_results = results
         if trainer.is_world_process_zero():
             write_results(results, args.output_dir, data_args, stem="eval_results", row_names=_row_names(args))

@@ -25,6 +25,7 @@ from .. import methods
 from ..dataset_checks import check_columns, check_max_samples, check_train_classes, subset
 from ..evaluation import results_table, write_report
 from ..hub_ids import check_model_source
+from ..image_checks import check_eval_images
 from ..trainer import LostProcessError
 from .launch import first_to_report, refuse_a_lone_launch, stop_the_launcher
 from .sources import WORLD, class_names_of, load_image_splits
@@ -559,6 +560,7 @@ def load_eval_splits(data_args: DataArguments, seed: int) -> dict[str, Dataset]:
         world_eval_size=data_args.world_eval_size,
     )
     check_columns(splits, image_column=data_args.image_column, label_column=data_args.label_column)
+    splits = check_eval_images(splits, data_args.image_column)  # refused by name before any model is scored
     return {
         name: subset(split, data_args.max_eval_samples, seed=seed, label_column=data_args.label_column)
         for name, split in splits.items()

@@ -16,7 +16,8 @@ import torch
 from datasets import Dataset
 
 from .._distributed import sharded_pass
-from ..images import preprocess_images
+from ..image_checks import undecoded
+from ..images import load_image, preprocess_images
 from .protocols import EvalSet, dataset_eval_sets
 from .report import ACCURACY_DECIMALS, OOD_AVG, ood_average
 
@@ -54,9 +55,11 @@ def predict_logits(
     ``show_progress``: a progress bar on the first process.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    # Decoded here (`load_image`: EXIF, 16-bit, RGB) rather than by `datasets`, so a broken file is named.
+    dataset = undecoded(dataset, image_column) if isinstance(dataset, Dataset) else dataset
 
     def collate(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = [row[image_column] for row in rows]
+        images = [load_image(row[image_column]) for row in rows]
         if image_transform is not None:
             images = [image_transform(image) for image in images]
         pixels = preprocess_images(image_processor, images)
