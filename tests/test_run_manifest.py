@@ -126,3 +126,37 @@ def test_a_renamed_source_with_the_same_rows_goes_on_and_a_stream_is_compared_by
     refused, _ = manifest_changes(old_stream, stream)
     assert refused == {"data.source": ({"dataset_name": "user/data"}, {"dataset_name": "user/other"})}
     assert manifest_changes(None, stream) == ({}, [])  # a checkpoint from before manifests: nothing to compare
+
+
+@pytest.mark.parametrize(
+    ("changed", "refused"),
+    [
+        (["--model_name_or_path", "CLIP_B"], "model.start"),  # another pre-trained tower
+        (["--templates", "openai_imagenet"], "model.start"),  # another zero-shot head
+        (["--teacher_name_or_path", "CLIP_B"], "model.teacher"),  # another teacher
+    ],
+    ids=["model", "templates", "teacher"],
+)
+def test_a_resume_from_another_starting_model_is_refused_before_the_data_is_prepared(
+    workspace, tmp_path, monkeypatch, changed, refused
+):
+    """Before: accepted, rc 0: the checkpoint's student trained on, distilled towards another model's features."""
+    clip, images = workspace
+    clip_b = save_tiny_clip(tmp_path / "clip_b", seed=1)
+    finetune = _finetune()
+    cfft = ["--distill_weight", "1", "--mask_kind", "object", "--fill_kind", "single", "--mask_threshold", "0.3"]
+    finetune.main(_args(clip, images, tmp_path / "run", *cfft))
+    manifest = json.loads((tmp_path / "run" / "checkpoint-1" / "training_args.json").read_text())["run_manifest"]
+    assert manifest["model"]["start"] == manifest["model"]["teacher"]  # the teacher: a frozen copy of the start
+    (tmp_path / "run" / "model.safetensors").unlink()  # as if stopped after its last checkpoint
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()}
+
+    from hf_cfft.trainer import CfftTrainer
+
+    prepared = []
+    monkeypatch.setattr(CfftTrainer, "_prepare_dataset", lambda self, data: prepared.append(1) or data)
+    flags = [str(clip_b) if flag == "CLIP_B" else flag for flag in changed]
+    with pytest.raises(ValueError, match=rf"resuming .*checkpoint-2 on a different run \({refused}: .*--templates"):
+        finetune.main(_args(clip, images, tmp_path / "run", *cfft, "--resume_from_checkpoint", "auto", *flags))
+    assert not prepared  # refused before the CAM pass
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()} == before

@@ -29,6 +29,7 @@ from .methods import VIEWS as DISTILL_VIEWS
 from .methods import method_of
 from .modeling import ClipCfftForImageClassification
 from .training.base import LostProcessError, RobustTrainer
+from .training.run_manifest import weights_fingerprint
 
 logger = logging.get_logger(__name__)
 
@@ -136,6 +137,15 @@ class CfftTrainer(RobustTrainer):
                 teacher_name_or_path, class_names=class_names, templates=templates, show_progress=show_progress
             )
         return {"model": model, "teacher": teacher}
+
+    def _start_fingerprints(self) -> dict[str, str]:
+        """The student's start and the teacher's (adapters off, a copy of the start, or a named teacher)."""
+        fingerprints = super()._start_fingerprints()
+        if isinstance(self.teacher, adapters.AdapterFreeTeacher):
+            fingerprints["teacher"] = "the student with its adapters off"
+        elif self.teacher is not None:
+            fingerprints["teacher"] = weights_fingerprint(self.teacher)
+        return fingerprints
 
     def _place_frozen_models(self) -> None:
         """The teacher on the run's device (under its mixed precision), never optimised, wrapped or saved."""

@@ -12,6 +12,7 @@ processes, so under DDP the contrastive batch is ``per_device_train_batch_size``
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,7 @@ from ..families import family_for_model_type, family_of, tokenizer_kwargs
 from ..modeling import CfftImageClassifier
 from ..training.arguments import FLYP_REFUSED
 from ..training.base import RobustTrainer
+from ..training.run_manifest import weights_fingerprint
 from ..zeroshot import build_zeroshot_head
 
 
@@ -138,6 +140,11 @@ class FlypTrainer(RobustTrainer):
             raise ValueError("--teacher_name_or_path has no use with --method flyp, which distils nothing")
         model, tokenizer = load_contrastive_model(model_name_or_path)
         return {"model": model, "tokenizer": tokenizer, "class_names": class_names, "templates": templates}
+
+    def _start_fingerprints(self) -> dict[str, str]:
+        """Both towers' start and the prompts (class names x templates) the contrastive loss pairs images with."""
+        prompts = json.dumps([self.class_names, self.templates]).encode()
+        return {"start": weights_fingerprint(self.model, extra=prompts)}
 
     def _prepare_raw_dataset(self, dataset, processor):
         """Raw images -> checked, undecoded, with the image transform (no masks, no CAMs)."""

@@ -52,8 +52,16 @@ from .run_folder import (
     checkpoint_ends_the_run,
     latest_complete_checkpoint,
     resolve_resume_checkpoint,
+    saved_manifest,
 )
-from .run_manifest import MANIFEST_KEY, rows_fingerprint, run_manifest
+from .run_manifest import (
+    MANIFEST_KEY,
+    manifest_changes,
+    refuse_changed_manifest,
+    rows_fingerprint,
+    run_manifest,
+    weights_fingerprint,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -114,6 +122,10 @@ class RobustTrainer(Trainer):
         )
         self.image_column, self.label_column = image_column, label_column
         self._place_frozen_models()
+        # The starting model (and teacher), for the manifest: a resume from another one is refused, before the data
+        # is prepared (the CAM pass) when the args name the checkpoint, else when training starts.
+        self.run_model = self._start_fingerprints()
+        self._check_resumed_start()
         self.skipped_images = 0
         # What the run trains on, for the run manifest a resume is checked against (before any preparation).
         self.run_data = {"source": dict(data_source or {})} | (
@@ -183,6 +195,23 @@ class RobustTrainer(Trainer):
         """The image classifier this run trains, as evaluation scores it (the trained model itself, by default)."""
         return self.model
 
+    def _start_fingerprints(self) -> dict[str, str]:
+        """Hook: ``{"start": ...}``, fingerprints of what the run starts from (`run_manifest.weights_fingerprint`)."""
+        return {"start": weights_fingerprint(self.model)}
+
+    def _check_resumed_start(self) -> None:
+        """Refuse a resume (``args.resume_from_checkpoint``) from another starting model than the checkpoint's."""
+        args = self.args
+        if not args.resume_from_checkpoint or args.allow_changed_args_on_resume:
+            return
+        checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        if checkpoint is None:
+            return
+        refused, _ = manifest_changes(saved_manifest(checkpoint), {"model": self.run_model})
+        refused = {key: values for key, values in refused.items() if key.startswith("model.")}
+        if refused:
+            refuse_changed_manifest(checkpoint, refused)
+
     def _place_frozen_models(self) -> None:
         """Hook: place models that are used but not trained (a teacher) once ``self.accelerator`` exists."""
 
@@ -208,7 +237,7 @@ class RobustTrainer(Trainer):
 
     def _train_in_folder(self, checkpoint: str | None, trial, **kwargs):
         args = self.args
-        changed = check_run_folder(args, checkpoint, data=self.run_data)
+        changed = check_run_folder(args, checkpoint, data=self.run_data, model=self.run_model)
         if checkpoint is None and args.overwrite_output_dir:
             if args.should_save:
                 check_output_dir(args.output_dir, resuming=False, overwrite=True)
@@ -492,7 +521,7 @@ class RobustTrainer(Trainer):
 
     def _write_release_files(self, output_dir: str, **overrides) -> None:
         """Write README.md (the model card) and ``training_args.json`` (the args as JSON, no pickle) to output_dir."""
-        values = self.args.to_dict() | {MANIFEST_KEY: run_manifest(self.args, self.run_data)}
+        values = self.args.to_dict() | {MANIFEST_KEY: run_manifest(self.args, self.run_data, self.run_model)}
         if self.resumed_with_changes:
             values["resumed_with_changes"] = self.resumed_with_changes
         config = self._release_config(output_dir)

@@ -274,7 +274,11 @@ def refuse_changed_resume(checkpoint: str, changed: Mapping[str, tuple[Any, Any]
 
 
 def check_run_folder(
-    args: Any, checkpoint: str | None, data: Mapping[str, Any] | None = None, say_notes: bool = True
+    args: Any,
+    checkpoint: str | None,
+    data: Mapping[str, Any] | None = None,
+    say_notes: bool = True,
+    model: Mapping[str, Any] | None = None,
 ) -> dict[str, tuple[Any, Any]]:
     """Read-only checks before a run (a `CfftConfig` ``args``, the resolved ``checkpoint`` or None); raise or pass.
 
@@ -283,14 +287,15 @@ def check_run_folder(
     ``data`` (`run_manifest.rows_fingerprint` plus its "source"), other data unless
     ``args.allow_changed_args_on_resume``. Returns the changes that were allowed ({} when none). Without ``data``
     only the settings and the global batch are compared: cheap, so recipes call it before loading data, and the
-    trainer again with the data. ``say_notes`` logs what changed and may go on (another process count).
+    trainer again with the data. ``say_notes`` logs what changed and may go on (another process count). ``model``:
+    the starting model's fingerprints (`RobustTrainer.run_model`), compared with the checkpoint's when given.
     """
     if checkpoint is None:
         if not args.overwrite_output_dir:
             check_output_dir(args.output_dir, resuming=False, overwrite=False)
         return {}
     changed = changed_args(checkpoint, args.to_dict())
-    saved, current = saved_manifest(checkpoint), run_manifest(args, data)
+    saved, current = saved_manifest(checkpoint), run_manifest(args, data, model)
     if saved and saved.get("global_batch") == current["global_batch"]:
         # Another split of the same global batch (e.g. half the processes, twice the accumulation) trains the same
         # steps: the manifest says so, and goes on.

@@ -5,11 +5,14 @@ Every ``training_args.json`` a trainer writes (in each ``checkpoint-N`` and besi
 
     {"data": {"source": {"dataset_name": ..., "split": ..., "max_train_samples": ...},
               "rows": 1000, "fingerprint": "sha256 of the rows' labels and a sample of their images"},
+     "model": {"start": "sha256 of the starting model's patch embedding and head", "teacher": "... of the teacher"},
      "world_size": 2, "global_batch": 64}
 
-A resume compares its own manifest with the checkpoint's (`manifest_changes`): another dataset or another global
-batch would train half a model on one setting and half on another, so it is refused (as a changed training
-argument is); another process count with the same global batch is said and the run goes on.
+A resume compares its own manifest with the checkpoint's (`manifest_changes`): another dataset, another starting
+model (another ``--model_name_or_path``, class names, templates or teacher: the resumed student would be distilled
+towards another teacher than its first half) or another global batch would train half a model on one setting and
+half on another, so it is refused (as a changed training argument is); another process count with the same global
+batch is said and the run goes on.
 """
 
 from __future__ import annotations
@@ -71,18 +74,38 @@ def _image_key(value: Any) -> bytes:
     return repr(value).encode()
 
 
-def run_manifest(args: Any, data: Mapping[str, Any] | None) -> dict:
-    """The manifest of a run with `TrainingArguments`-like ``args`` on ``data`` (`rows_fingerprint` + "source")."""
+# The weights that tell a starting model apart cheaply: the pre-trained tower (its patch embedding; the text tower's
+# token embedding for contrastive models) and the head built from the class names and templates.
+FINGERPRINTED = ("patch_embedding.weight", "token_embedding.weight", "classifier.weight", "classifier.bias")
+
+
+def weights_fingerprint(model: Any, extra: bytes = b"") -> str:
+    """sha256 of ``model``'s `FINGERPRINTED` weights (whatever wraps them: DDP, an adapter) and ``extra``."""
+    digest = hashlib.sha256(extra)
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.endswith(FINGERPRINTED) and "lora_" not in name:
+            digest.update(".".join(name.split(".")[-2:]).encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_manifest(args: Any, data: Mapping[str, Any] | None, model: Mapping[str, Any] | None = None) -> dict:
+    """The manifest of a run with `TrainingArguments`-like ``args`` on ``data`` (`rows_fingerprint` + "source"),
+    from the starting ``model`` (``{"start": weights_fingerprint, "teacher": ...}``; left out when not known)."""
     world = int(getattr(args, "world_size", 1) or 1)
     per_device = int(args.per_device_train_batch_size)
     accumulation = int(args.gradient_accumulation_steps)
-    return {"data": dict(data or {}), "world_size": world, "global_batch": per_device * accumulation * world}
+    manifest = {"data": dict(data or {}), "world_size": world, "global_batch": per_device * accumulation * world}
+    if model:
+        manifest["model"] = dict(model)
+    return manifest
 
 
 def manifest_changes(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> tuple[dict, list[str]]:
     """(refused, notes) between a checkpoint's manifest and this run's.
 
-    ``refused`` maps "data.rows" / "data.fingerprint" (or "data.source" for a stream) / "global_batch" to
+    ``refused`` maps "data.rows" / "data.fingerprint" (or "data.source" for a stream) / "model.start" /
+    "model.teacher" / "global_batch" to
     ``(checkpoint's, this run's)`` where they differ; ``notes`` are what changed and may go on (the process count
     at an unchanged global batch, a renamed source with the same rows). A checkpoint written before manifests
     existed (``saved`` None) cannot be compared: nothing is refused.
@@ -103,6 +126,10 @@ def manifest_changes(saved: Mapping[str, Any] | None, current: Mapping[str, Any]
             )
     elif "source" in old_data and "source" in new_data and old_data["source"] != new_data["source"]:
         refused["data.source"] = (old_data["source"], new_data["source"])  # a stream: only its name can be compared
+    old_model, new_model = saved.get("model") or {}, current.get("model") or {}
+    for key in sorted(set(old_model) & set(new_model)):  # a checkpoint from before models were recorded: not compared
+        if old_model[key] != new_model[key]:
+            refused[f"model.{key}"] = (old_model[key], new_model[key])
     if saved.get("global_batch") != current.get("global_batch"):
         refused["global_batch"] = (saved.get("global_batch"), current.get("global_batch"))
     if saved.get("world_size") != current.get("world_size") and "global_batch" not in refused:
@@ -120,6 +147,11 @@ def refuse_changed_manifest(checkpoint: str, refused: Mapping[str, tuple[Any, An
     fixes = []
     if any(key.startswith("data.") for key in refused):
         fixes.append("resume on the checkpoint's data (the same --dataset_name, split and --max_train_samples)")
+    if any(key.startswith("model.") for key in refused):
+        fixes.append(
+            "resume from the checkpoint's starting model (the same --model_name_or_path, --class_names, --templates "
+            "and --teacher_name_or_path)"
+        )
     if "global_batch" in refused:
         old = refused["global_batch"][0]
         fixes.append(
