@@ -160,3 +160,18 @@ def test_a_resume_from_another_starting_model_is_refused_before_the_data_is_prep
         finetune.main(_args(clip, images, tmp_path / "run", *cfft, "--resume_from_checkpoint", "auto", *flags))
     assert not prepared  # refused before the CAM pass
     assert {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()} == before
+
+
+def test_the_fingerprint_sees_the_head_and_the_tower_through_an_adapter(tiny_classifier):
+    import copy
+
+    from hf_cfft import adapters
+    from hf_cfft.training.run_manifest import weights_fingerprint
+
+    plain = weights_fingerprint(tiny_classifier)
+    wrapped = adapters.add_lora(copy.deepcopy(tiny_classifier), rank=4, alpha=8, dropout=0.0, target_modules=None)
+    assert weights_fingerprint(wrapped) == plain  # the same start, whatever wraps it
+    other_head = copy.deepcopy(tiny_classifier)
+    other_head.classifier.weight.data[0, 0] += 1
+    wrapped_other = adapters.add_lora(other_head, rank=4, alpha=8, dropout=0.0, target_modules=None)
+    assert weights_fingerprint(wrapped_other) != plain  # the head is hashed through peft's copy of it

@@ -83,7 +83,10 @@ def weights_fingerprint(model: Any, extra: bytes = b"") -> str:
     """sha256 of ``model``'s `FINGERPRINTED` weights (whatever wraps them: DDP, an adapter) and ``extra``."""
     digest = hashlib.sha256(extra)
     for name, tensor in sorted(model.state_dict().items()):
-        if name.endswith(FINGERPRINTED) and "lora_" not in name:
+        if "lora_" in name or ".original_module." in name:  # peft: the adapter, and the head's untrained twin
+            continue
+        name = name.replace(".modules_to_save.default.", ".")  # peft's trained copy of the head
+        if name.endswith(FINGERPRINTED):
             digest.update(".".join(name.split(".")[-2:]).encode())
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
