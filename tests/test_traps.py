@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -147,8 +148,9 @@ def test_resume_with_changed_settings_is_refused_listing_them(tiny_classifier, t
 
 def test_allowed_changed_resume_is_recorded_in_the_card(tiny_classifier, tmp_path):
     out = tmp_path / "run"
+    start = copy.deepcopy(tiny_classifier)  # a resume starts from the same model as the run (the manifest checks it)
     _trainer(tiny_classifier, out, save_strategy="steps", save_steps=1, max_steps=1).train()
-    trainer = _trainer(tiny_classifier, out, max_steps=2, distill_weight=3.0, allow_changed_args_on_resume=True)
+    trainer = _trainer(start, out, max_steps=2, distill_weight=3.0, allow_changed_args_on_resume=True)
     trainer.train(resume_from_checkpoint="auto")
     trainer.save_model()
     card = ModelCard.load(out / "README.md").text
