@@ -270,3 +270,28 @@ def test_the_trainer_itself_refuses_resume_auto_on_a_finished_run(tmp_path, tiny
     again = CfftTrainer(model=start, args=args, train_dataset=train, processing_class=tiny_image_processor)
     with pytest.raises(ValueError, match="holds a finished run .*nothing is left to resume"):
         again.train(resume_from_checkpoint="auto")
+
+
+def _broken_row(index):  # module level: a DataLoader worker imports it
+    raise ValueError(f"cannot read image row {index}: broken")
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_one_line():
+    """torch re-raises a worker's error as `Caught ValueError in DataLoader worker process 0.` and the worker's
+    traceback; the recipes print the worker's own message (evaluate_ood scores with two workers by default)."""
+    import torch.utils.data
+
+    from hf_cfft.cli.script_args import user_message
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return _broken_row(index)
+
+    with pytest.raises(ValueError) as error:
+        next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1)))
+    assert "Original Traceback" in str(error.value)
+    assert user_message(error.value) == "cannot read image row 0: broken"
+    assert user_message(ValueError("plain")) == "plain"

@@ -32,9 +32,9 @@ def load_image(item: Any) -> Image.Image:
             image.load()
         except (OSError, SyntaxError, ValueError) as error:
             raise ValueError(
-                f"cannot read image {name}: {error}. Remove or replace the file, or train with "
-                "--skip_corrupt_images true with --image_check decode, which finds and drops such images before "
-                "training and evaluation"
+                f"cannot read image {name}: {error}. Remove or replace the file (in fine-tuning, "
+                "--skip_corrupt_images true with --image_check decode finds and drops such images before training "
+                "and evaluation)"
             ) from error
     else:
         image = item

@@ -465,12 +465,22 @@ def run_recipe(main: Callable[[], object]) -> None:
     except USER_ERRORS as error:
         if os.environ.get("HF_CFFT_TRACEBACK"):
             raise
-        message = f"error: {error}\n(set HF_CFFT_TRACEBACK=1 to see the traceback)"
+        message = f"error: {user_message(error)}\n(set HF_CFFT_TRACEBACK=1 to see the traceback)"
         if first_to_report(message):
             print(message, file=sys.stderr, flush=True)
         sys.stdout.flush()
         stop_the_launcher()
         raise SystemExit(2) from None
+
+
+def user_message(error: BaseException) -> str:
+    """The message of ``error``; a DataLoader worker's error (torch re-raises it as ``Caught ValueError in DataLoader
+    worker process 0.`` followed by the worker's traceback) gives the worker's own last line, without the traceback."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def load_train_and_eval_splits(data_args: DataArguments, seed: int) -> tuple[Dataset, dict[str, Dataset]]:
