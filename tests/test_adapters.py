@@ -172,3 +172,40 @@ def test_bfloat16_teacher_is_a_bf16_copy_whose_target_stays_close_to_float32(tin
     assert 0 < difference.max() < 0.05 * exact.abs().max()  # bf16 rounding: near, not equal
     trainer.train()  # the step runs with the bf16 target
     assert trainer.state.global_step == 1
+
+
+def test_an_adapter_trained_from_a_pretrained_clip_reloads_and_an_adapter_alone_is_named(tmp_path, capsys):
+    """The recipe's case: the base is a pre-trained CLIP folder, not a saved classifier. Before, reloading the adapter
+    failed ("class_names and templates are needed"), and WiSE-FT read an adapter-only run as a pre-trained model."""
+    import json
+
+    from _builders import save_tiny_clip, write_imagefolder
+    from test_error_path import _recipe, _refused
+
+    clip, images = save_tiny_clip(tmp_path / "clip"), write_imagefolder(tmp_path / "images", per_class=2)
+    run = tmp_path / "lora"
+    _recipe().main([
+        "--model_name_or_path", str(clip), "--dataset_name", str(images), "--eval_splits", "test", "--templates",
+        "simple", "--output_dir", str(run), "--max_steps", "2", "--per_device_train_batch_size", "2", "--use_cpu",
+        "true", "--report_to", "none", "--save_strategy", "no", "--lora_rank", "4", "--learning_rate", "1e-2",
+        "--merge_adapter", "false",
+    ])  # fmt: skip
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "config.json").exists()
+    merged = adapters.load_adapter_classifier(run / "adapter", merge=True).eval()
+    tuned = json.loads((run / "eval_results.json").read_text())["fine-tuned"]["test"]
+    from transformers import AutoImageProcessor
+
+    from hf_cfft.cli.script_args import DataArguments, load_eval_splits
+    from hf_cfft.evaluation import evaluate_splits
+
+    splits = load_eval_splits(DataArguments(dataset_name=str(images), eval_splits=["test"]), seed=0)
+    scored = evaluate_splits(merged, splits, AutoImageProcessor.from_pretrained(run))
+    assert scored["test"] == tuned  # the reloaded adapter is the model the run evaluated
+    capsys.readouterr()
+    zero_shot = tmp_path / "zs"
+    merged.save_pretrained(zero_shot)
+    argv = ["--zero_shot_model", str(zero_shot), "--fine_tuned_model", str(run), "--dataset_name", str(images),
+            "--eval_splits", "test", "--alphas", "0.5", "--output_dir", str(tmp_path / "wise")]  # fmt: skip
+    message = _refused(capsys, argv, "wise_ft")
+    assert "holds a LoRA adapter" in message and "--merge_adapter false" in message
+    assert "load_adapter_classifier(" in message

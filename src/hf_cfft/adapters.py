@@ -181,6 +181,8 @@ def load_adapter_classifier(adapter_dir: str | Path, base_model: str | None = No
     if not base_model:
         raise ValueError(f"{adapter_dir} records no base model ({ADAPTER_INFO}); pass base_model=<the checkpoint>")
     names = info.get("class_names") or None
-    base = load_classifier(base_model, class_names=names, show_progress=False)
+    # A pre-trained base needs a head of the right shape before the adapter's own trained head (``modules_to_save``)
+    # replaces it on load: its prompts do not matter, so the class names alone make them.
+    base = load_classifier(base_model, class_names=names, templates=["{}"], show_progress=False)
     model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
     return model.merge_and_unload() if merge else model

@@ -112,6 +112,22 @@ def is_cfft_checkpoint(path: str) -> bool:
     return saved_classifier_type(path) is not None
 
 
+def refuse_an_adapter_alone(path: str) -> None:
+    """Refuse a run folder that holds a LoRA adapter but no merged classifier (``--merge_adapter false``), naming how
+    to merge it, instead of reading it as a pre-trained checkpoint."""
+    folder = os.path.expanduser(path)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return
+    if os.path.isfile(os.path.join(folder, "adapter", "hf_cfft_adapter.json")):
+        merged = f"{path.rstrip('/')}_merged"
+        raise ValueError(
+            f"{path} holds a LoRA adapter ({path}/adapter) but no merged classifier (it was trained with "
+            '--merge_adapter false). Merge it into a classifier folder first: python -c "from hf_cfft.adapters '
+            f"import load_adapter_classifier; load_adapter_classifier('{path}/adapter', merge=True)"
+            f".save_pretrained('{merged}')\" (and copy {path}/preprocessor_config.json there), then pass {merged}"
+        )
+
+
 def load_classifier(
     model_name_or_path: str,
     *,
@@ -127,6 +143,7 @@ def load_classifier(
     whose classes differ from ``class_names`` (count or order) is refused: its head would score the wrong classes.
     """
     saved_type = saved_classifier_type(model_name_or_path)
+    refuse_an_adapter_alone(model_name_or_path)
     if saved_type is not None:
         model = SAVED_CLASSIFIERS[saved_type].from_pretrained(model_name_or_path, **from_pretrained_kwargs)
         if class_names is not None:
