@@ -174,7 +174,7 @@ def _train_and_evaluate(model_args, data_args, args, run_args, resume, say: Call
     if splits:
         try:
             results["fine-tuned"] = evaluate_splits(trainer.classifier(), splits, eval_processor, **evaluate_kwargs)
-        except BaseException:  # e.g. an image broken past its header: the trained model is kept all the same
+        except Exception:  # e.g. an image broken past its header: the trained model is kept all the same
             trainer.save_model(args.output_dir)
             if trainer.is_world_process_zero():
                 say(f"The evaluation failed; the fine-tuned model was saved to {args.output_dir} first.")
