@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from .classifier_loading import ADAPTER_DIR, ADAPTER_INFO, load_classifier
+
 logger = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
-ADAPTER_INFO = "hf_cfft_adapter.json"
 # The attention projections of the vision tower: every supported family names them alike (CLIP, MetaCLIP 2, SigLIP,
 # SigLIP 2). A classifier holds only the image tower, so the suffixes cannot reach a text tower.
 DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
@@ -172,8 +172,6 @@ def load_adapter_classifier(adapter_dir: str | Path, base_model: str | None = No
     in the folder's `ADAPTER_INFO`. The head comes from the adapter folder (it was trained in full).
     """
     peft = require_peft()
-    from .classifier_loading import load_classifier
-
     adapter_dir = Path(adapter_dir)
     info_path = adapter_dir / ADAPTER_INFO
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}

@@ -15,6 +15,10 @@ from .head_checks import check_zeroshot_head
 from .modeling import CfftClassifierConfig, CfftImageClassifier, ClipCfftConfig, ClipCfftForImageClassification
 from .zeroshot import build_zeroshot_head
 
+# Where a LoRA run keeps its adapter (`hf_cfft.adapters`), and the record that marks the folder as hf_cfft's.
+ADAPTER_DIR = "adapter"
+ADAPTER_INFO = "hf_cfft_adapter.json"
+
 # model_type of a saved classifier -> its class
 SAVED_CLASSIFIERS = {
     ClipCfftConfig.model_type: ClipCfftForImageClassification,
@@ -118,7 +122,7 @@ def refuse_an_adapter_alone(path: str) -> None:
     folder = os.path.expanduser(path)
     if os.path.isfile(os.path.join(folder, "config.json")):
         return
-    if os.path.isfile(os.path.join(folder, "adapter", "hf_cfft_adapter.json")):
+    if os.path.isfile(os.path.join(folder, ADAPTER_DIR, ADAPTER_INFO)):
         merged = f"{path.rstrip('/')}_merged"
         raise ValueError(
             f"{path} holds a LoRA adapter ({path}/adapter) but no merged classifier (it was trained with "
